@@ -1,0 +1,136 @@
+"""Attention with a position encoding: the encoding's hooks and the kernel dispatch, shared by encoder and decoder.
+
+The models own their projections (BERT's `query/key/value`, GPT-2's `c_attn`) and call `attention_forward`,
+which rotates, updates the cache, asks the encoding for its bias and runs the kernel named by
+`config._attn_implementation`: `eager` (the reference, below), `sdpa` (transformers' `sdpa_attention_forward`,
+which folds `position_bias` into its float mask) or any other registered kernel that can serve the encoding.
+"""
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
+
+from .encodings import PositionEncoding, PositionState
+
+
+logger = logging.get_logger(__name__)
+
+
+def token_positions(
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    batch_size: int,
+    query_length: int,
+    past_length: int,
+    key_length: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the queries `[batch, q_len]` and of all keys `[batch, k_len]` (cached ones included).
+
+    With a 2D `attention_mask`, positions count real tokens only (`cumsum(mask) - 1`), so left or right padding
+    leaves the positions, and every distance, of real tokens as in the unpadded sequence. `position_ids`, when
+    given, are the query positions. Keys past the mask (a static cache's empty slots) continue the count; they are
+    masked anyway.
+    """
+    if attention_mask is not None and attention_mask.dim() == 2:
+        counted = attention_mask.to(device=device, dtype=torch.long).cumsum(-1) - 1
+        key_positions = counted.clamp(min=0)
+        if key_positions.shape[-1] < key_length:
+            extra = torch.arange(1, key_length - key_positions.shape[-1] + 1, device=device)
+            key_positions = torch.cat((key_positions, key_positions[:, -1:] + extra), dim=-1)
+        key_positions = key_positions[:, :key_length].expand(batch_size, -1)
+        query_positions = key_positions[:, past_length : past_length + query_length]
+    else:
+        key_positions = torch.arange(key_length, device=device).expand(batch_size, -1)
+        query_positions = key_positions[:, past_length : past_length + query_length]
+    if position_ids is not None:
+        query_positions = position_ids.to(device).expand(batch_size, -1)
+        if attention_mask is None or attention_mask.dim() != 2:
+            # Cached keys precede the first query contiguously.
+            start = query_positions[:, :1] - past_length
+            key_positions = torch.cat((start + torch.arange(past_length, device=device), query_positions), dim=-1)
+    return query_positions, key_positions
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    position_bias: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`softmax(q k^T * scaling + position_bias + mask) v`, softmax in fp32.
+
+    `query` `[batch, heads, q_len, d]`, `key`/`value` `[batch, heads, k_len, d]`, `attention_mask` an additive
+    float or a boolean (True = attend) mask broadcastable to `[batch, heads, q_len, k_len]`. Returns the output
+    `[batch, q_len, heads, d]` and the weights `[batch, heads, q_len, k_len]`.
+    """
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if position_bias is not None:
+        scores = scores + position_bias
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask[..., : key.shape[-2]]
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+# Kernels that take a dense `position_bias`; others serve only encodings without a bias.
+BIAS_KERNELS = ("eager", "sdpa")
+
+
+def resolve_kernel(implementation: str | None, encoding: type[PositionEncoding] | PositionEncoding | None) -> str:
+    """The kernel that serves `encoding`: the requested one, or `sdpa` with a one-time warning naming both."""
+    implementation = implementation or "eager"
+    if encoding is not None and encoding.has_bias and implementation not in BIAS_KERNELS:
+        logger.warning_once(
+            f"attn_implementation={implementation!r} cannot apply the score bias of position_embedding_type="
+            f"{encoding.name!r}; falling back to 'sdpa'."
+        )
+        return "sdpa"
+    return implementation
+
+
+def attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    encoding: PositionEncoding | None = None,
+    state: PositionState | None = None,
+    past_key_values: Cache | None = None,
+    dropout: float = 0.0,
+    scale: float = 1.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of `query` `[batch, heads, q_len, d]` over the new `key`/`value` `[batch, heads, new, d]` (and the
+    cached ones), with the position terms of `encoding` (None: cross-attention, no position terms).
+
+    `scale` multiplies the encoding's softmax scale (GPT-2's `scale_attn_by_inverse_layer_idx`). Returns
+    `[batch, q_len, heads, d]` and the attention weights when the kernel produces them.
+    """
+    bias = None
+    scaling = scale * query.shape[-1] ** -0.5
+    if encoding is not None:
+        query, key = encoding.rotate(query, key, state)
+    if past_key_values is not None:
+        key, value = past_key_values.update(key, value, module.layer_idx)
+    if encoding is not None:
+        scaling = scale * encoding.scaling(query.shape[-1])
+        bias = encoding.bias(query, key, state, module.layer_idx)
+    implementation = resolve_kernel(module.config._attn_implementation, encoding)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    if bias is not None:
+        kwargs["position_bias"] = bias
+    return interface(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

@@ -1,0 +1,194 @@
+"""Configurations of the relpos encoder (BERT field names) and decoder (GPT-2 field names).
+
+Both share the position fields of `RelPosConfigMixin`, validated when the config is built, so that a bad value
+fails with a `ValueError` naming the field before any model exists.
+"""
+
+from typing import ClassVar
+
+from transformers import PreTrainedConfig
+
+from .encodings import get_encoding_class
+
+
+def _check_positive(config, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ValueError(f"{name} must be an integer {bound}, got {value!r}.")
+
+
+class RelPosPretrainedConfig(PreTrainedConfig):
+    r"""
+    The position fields shared by the relpos encoder and decoder.
+
+    Args:
+        position_embedding_type (`str`, defaults to `"absolute"`):
+            One of `hf_relpos.POSITION_ENCODINGS`: `absolute`, `sinusoidal`, `relative_key`, `relative_key_query`,
+            `t5`, `alibi`, `kerple`, `fire`, `deberta`, `rope`, `xpos` (decoder only), `nope`.
+        position_offset (`int`, defaults to 0):
+            Added to positions before the `absolute` table lookup (RoBERTa: `padding_idx + 1`).
+        max_relative_positions (`int`, defaults to 128):
+            `relative_key(_query)`: distances are clipped to `[-k, k]`; `deberta`: the largest bucketed distance.
+        position_buckets (`int`, defaults to 64):
+            `deberta`: number of log buckets per direction (0 disables bucketing).
+        relative_attention_num_buckets (`int`, defaults to 32), relative_attention_max_distance (`int`, 128):
+            `t5`: bucket count and the distance beyond which all distances share the last bucket.
+        rope_parameters (`dict`, *optional*):
+            `rope`/`xpos`: transformers' `rope_parameters` (`rope_type` in default, linear, dynamic, yarn,
+            longrope, llama3; `rope_theta`; the type's own keys; `partial_rotary_factor`).
+        xpos_scale_base (`int`, defaults to 512): `xpos`: the decay length scale `B`.
+        fire_mlp_width (`int`, defaults to 32): `fire`: hidden width of the MLP `f`.
+    """
+
+    position_embedding_type: str = "absolute"
+    position_offset: int = 0
+    max_relative_positions: int = 128
+    position_buckets: int = 64
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    rope_parameters: dict | None = None
+    xpos_scale_base: int = 512
+    fire_mlp_width: int = 32
+
+    # The Auto classes the family serves, written into every saved config.json as `auto_map`.
+    family_auto_map: ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.auto_map = dict(self.family_auto_map)
+        self.validate_position_encoding()
+
+    @property
+    def is_causal_model(self) -> bool:
+        return bool(getattr(self, "is_decoder", False))
+
+    def validate_position_encoding(self) -> None:
+        """Raise `ValueError` naming the offending field; called at construction and again by the model."""
+        encoding = get_encoding_class(self.position_embedding_type)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
+        _check_positive(
+            self, "max_position_embeddings", "max_relative_positions", "relative_attention_num_buckets",
+            "relative_attention_max_distance", "xpos_scale_base", "fire_mlp_width",
+        )
+        _check_positive(self, "position_offset", "position_buckets", allow_zero=True)
+        exact = self.relative_attention_num_buckets // (2 if not self.is_causal_model else 1) // 2
+        if exact < 1 or self.relative_attention_max_distance <= exact:
+            raise ValueError(
+                "relative_attention_num_buckets must leave at least one exact bucket per direction and "
+                "relative_attention_max_distance must exceed the exact range, got "
+                f"relative_attention_num_buckets={self.relative_attention_num_buckets}, "
+                f"relative_attention_max_distance={self.relative_attention_max_distance}."
+            )
+        encoding.validate(self, self.is_causal_model)
+
+
+class RelPosBertConfig(RelPosPretrainedConfig):
+    r"""
+    Configuration of a BERT-style encoder with a choice of position encoding. Field names are BERT's, so a BERT,
+    RoBERTa or MiniLM `config.json` loads as is; the position fields are documented in `RelPosPretrainedConfig`.
+
+    ```python
+    >>> from hf_relpos import RelPosBertConfig, RelPosBertModel
+    >>> config = RelPosBertConfig(position_embedding_type="alibi", num_hidden_layers=2)
+    >>> model = RelPosBertModel(config)
+    ```"""
+
+    model_type = "relpos_bert"
+    family_auto_map: ClassVar[dict[str, str]] = {
+        "AutoConfig": "configuration_relpos.RelPosBertConfig",
+        "AutoModel": "modeling_relpos_bert.RelPosBertModel",
+        "AutoModelForMaskedLM": "modeling_relpos_bert.RelPosBertForMaskedLM",
+        "AutoModelForSequenceClassification": "modeling_relpos_bert.RelPosBertForSequenceClassification",
+        "AutoModelForTokenClassification": "modeling_relpos_bert.RelPosBertForTokenClassification",
+        "AutoModelForQuestionAnswering": "modeling_relpos_bert.RelPosBertForQuestionAnswering",
+        "AutoModelForMultipleChoice": "modeling_relpos_bert.RelPosBertForMultipleChoice",
+    }
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float | int = 0.1
+    attention_probs_dropout_prob: float | int = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int | None = 0
+    use_cache: bool = True
+    classifier_dropout: float | int | None = None
+    is_decoder: bool = False
+    add_cross_attention: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    tie_word_embeddings: bool = True
+
+    def validate_position_encoding(self) -> None:
+        if self.is_decoder or self.add_cross_attention:
+            raise ValueError(
+                "RelPosBertConfig is the bidirectional encoder: is_decoder and add_cross_attention must be False; "
+                "use RelPosGPTConfig for a decoder."
+            )
+        _check_positive(self, "type_vocab_size", allow_zero=True)
+        super().validate_position_encoding()
+
+
+class RelPosGPTConfig(RelPosPretrainedConfig):
+    r"""
+    Configuration of a GPT-2-style decoder with a choice of position encoding. Field names are GPT-2's, so a GPT-2
+    `config.json` loads as is; the position fields are documented in `RelPosPretrainedConfig`.
+
+    ```python
+    >>> from hf_relpos import RelPosGPTConfig, RelPosGPTForCausalLM
+    >>> config = RelPosGPTConfig(position_embedding_type="rope", n_layer=2)
+    >>> model = RelPosGPTForCausalLM(config)
+    ```"""
+
+    model_type = "relpos_gpt"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {
+        "hidden_size": "n_embd",
+        "max_position_embeddings": "n_positions",
+        "num_attention_heads": "n_head",
+        "num_hidden_layers": "n_layer",
+        "layer_norm_eps": "layer_norm_epsilon",
+    }
+    family_auto_map: ClassVar[dict[str, str]] = {
+        "AutoConfig": "configuration_relpos.RelPosGPTConfig",
+        "AutoModel": "modeling_relpos_gpt.RelPosGPTModel",
+        "AutoModelForCausalLM": "modeling_relpos_gpt.RelPosGPTForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_relpos_gpt.RelPosGPTForSequenceClassification",
+    }
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    resid_pdrop: float | int = 0.1
+    embd_pdrop: float | int = 0.1
+    attn_pdrop: float | int = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    use_cache: bool = True
+    bos_token_id: int | None = 50256
+    eos_token_id: int | list[int] | None = 50256
+    pad_token_id: int | None = None
+    add_cross_attention: bool = False
+    tie_word_embeddings: bool = True
+
+    @property
+    def is_causal_model(self) -> bool:
+        return True

@@ -1,0 +1,689 @@
+"""The catalog of position encodings.
+
+One class per scheme, registered in `POSITION_ENCODINGS` under its `position_embedding_type`. A model owns one
+encoding (where BERT keeps `embeddings.position_embeddings`, where GPT-2 keeps `wpe`) and calls its hooks:
+
+- `embed(inputs_embeds, position_ids)`: absolute schemes add to the token embeddings.
+- `prepare(query_positions, key_positions)`: once per forward, the tables every layer shares (cos/sin, a bias).
+- `rotate(query, key, state)`: rotary schemes rotate queries and the *new* keys (before they are cached).
+- `bias(query, key, state, layer_idx)`: a dense additive score bias broadcastable to `[batch, heads, q_len, k_len]`.
+- `score_mod(query, key, state, layer_idx)`: the same bias as a flex-attention `score_mod`, which never builds
+  the `[q_len, k_len]` tensor.
+- `scaling(head_dim)`: the softmax scale of the content term.
+
+Positions are absolute token indices (`[batch, len]`) that already account for the KV cache and for padding, so
+every distance `j - i` is the distance between real tokens. This file knows nothing about models.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class PositionState:
+    """What an encoding computed once per forward for every layer to use.
+
+    `query_positions` is `[batch, q_len]`, `key_positions` is `[batch, k_len]` (cached keys included);
+    `tables` holds scheme-specific tensors (rotary cos/sin, a shared bias, gather indices).
+    """
+
+    query_positions: torch.Tensor
+    key_positions: torch.Tensor
+    tables: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def relative_distance(state: PositionState) -> torch.Tensor:
+    """`j - i` for every query `i` and key `j`: `[batch, q_len, k_len]`."""
+    return state.key_positions[:, None, :] - state.query_positions[:, :, None]
+
+
+class PositionEncoding(nn.Module):
+    """Base class: every hook is a no-op; a scheme overrides the hooks it needs.
+
+    Class attributes tell the kernels what to expect: `has_bias` (a score bias comes from `bias`/`score_mod`),
+    `content_bias` (that bias depends on the queries/keys of each layer), `decoder_only`.
+    """
+
+    name: str = ""
+    has_bias: bool = False
+    content_bias: bool = False
+    decoder_only: bool = False
+
+    def __init__(self, config, causal: bool):
+        super().__init__()
+        self.causal = causal
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.num_layers = config.num_hidden_layers
+
+    @classmethod
+    def validate(cls, config, causal: bool) -> None:
+        """Raise `ValueError` naming the config field when the config cannot carry this encoding."""
+        if cls.decoder_only and not causal:
+            raise ValueError(
+                f"position_embedding_type={cls.name!r} is causal by design and only available in decoders "
+                "(RelPosGPTConfig); choose another position_embedding_type for an encoder."
+            )
+
+    def embed(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Add absolute position information to `inputs_embeds` `[batch, len, hidden]`."""
+        return inputs_embeds
+
+    def prepare(self, query_positions: torch.Tensor, key_positions: torch.Tensor, dtype: torch.dtype) -> PositionState:
+        """Compute what all layers share for one forward."""
+        return PositionState(query_positions, key_positions)
+
+    def rotate(
+        self, query: torch.Tensor, key: torch.Tensor, state: PositionState
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate `query` `[batch, heads, q_len, head_dim]` and the new `key` of the same positions."""
+        return query, key
+
+    def bias(
+        self, query: torch.Tensor, key: torch.Tensor, state: PositionState, layer_idx: int
+    ) -> torch.Tensor | None:
+        """Dense additive score bias broadcastable to `[batch, heads, q_len, k_len]`, or None."""
+        return None
+
+    def score_mod(
+        self, query: torch.Tensor, key: torch.Tensor, state: PositionState, layer_idx: int
+    ) -> ScoreMod | None:
+        """The bias as a flex-attention `score_mod(score, b, h, q_idx, kv_idx)`, or None."""
+        return None
+
+    def scaling(self, head_dim: int) -> float:
+        """Softmax scale of the content score `q.k`."""
+        return head_dim**-0.5
+
+    def init_weights(self, config) -> None:
+        """Initialise parameters as the scheme's paper does and rebuild buffers that are not saved."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Absolute schemes: embed
+# --------------------------------------------------------------------------------------------------------------
+
+
+class AbsolutePositionEncoding(PositionEncoding):
+    """Learned absolute table (Devlin et al. 2019; Radford et al. 2019): `h_i = x_i + P[i + offset]`.
+
+    `weight` is `[max_position_embeddings, hidden]`, named as BERT's `position_embeddings.weight` and GPT-2's
+    `wpe.weight`. `position_offset` is RoBERTa's `padding_idx + 1`.
+    """
+
+    name = "absolute"
+
+    def __init__(self, config, causal: bool):
+        super().__init__(config, causal)
+        self.weight = nn.Parameter(torch.empty(config.max_position_embeddings, config.hidden_size))
+        self.offset = config.position_offset
+
+    def embed(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        positions = position_ids + self.offset
+        last = int(positions.max()) if positions.numel() else 0
+        if last >= self.weight.shape[0]:
+            raise ValueError(
+                f"Position {last - self.offset} is beyond the learned table of position_embedding_type='absolute' "
+                f"(max_position_embeddings={self.weight.shape[0]}, position_offset={self.offset}). Truncate the "
+                "input, or convert the model to a relative encoding (e.g. 'alibi', 'rope', 't5') to go longer."
+            )
+        return inputs_embeds + nn.functional.embedding(positions, self.weight)
+
+    def init_weights(self, config) -> None:
+        init.normal_(self.weight, mean=0.0, std=config.initializer_range)
+
+
+class SinusoidalPositionEncoding(PositionEncoding):
+    """Fixed sinusoids (Vaswani et al. 2017): `P[i, 2m] = sin(i / 10000^(2m/d))`, `P[i, 2m+1] = cos(...)`."""
+
+    name = "sinusoidal"
+
+    @classmethod
+    def validate(cls, config, causal: bool) -> None:
+        super().validate(config, causal)
+        if config.hidden_size % 2:
+            raise ValueError(f"position_embedding_type='sinusoidal' needs an even hidden_size, got {config.hidden_size}.")
+
+    def embed(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        dim = inputs_embeds.shape[-1]
+        inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, device=inputs_embeds.device, dtype=torch.float32) / dim)
+        angles = position_ids[..., None].float() * inv_freq
+        table = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
+        return inputs_embeds + table.to(inputs_embeds.dtype)
+
+
+class NoPositionEncoding(PositionEncoding):
+    """NoPE (Kazemnejad et al. 2023): no position information; a causal mask alone orders a decoder."""
+
+    name = "nope"
+
+    def __init__(self, config, causal: bool):
+        super().__init__(config, causal)
+        if not causal:
+            logger.warning_once(
+                "position_embedding_type='nope' in a bidirectional encoder: the model is blind to word order "
+                "(permuting the tokens permutes the outputs)."
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rotary schemes: rotate
+# --------------------------------------------------------------------------------------------------------------
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """`[x1, x2] -> [-x2, x1]` over the last dimension (the GPT-NeoX / Llama layout of rotary pairs)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `cos.shape[-1]` channels of `x` `[batch, heads, len, head_dim]`; `cos`, `sin` are
+    `[batch, len, rotary_dim]`. The remaining channels pass unrotated (`partial_rotary_factor`)."""
+    rotary_dim = cos.shape[-1]
+    cos, sin = cos[:, None], sin[:, None]
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    x_rot = x_rot * cos + rotate_half(x_rot) * sin
+    return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
+
+
+class RotaryPositionEncoding(PositionEncoding):
+    """RoPE (Su et al. 2021): `q_i <- R(i theta) q_i`, `k_j <- R(j theta) k_j`, so `q_i.k_j` depends on `j - i`.
+
+    Frequencies come from transformers' `ROPE_INIT_FUNCTIONS` for every `rope_parameters["rope_type"]`
+    (default, linear, dynamic, yarn, longrope, llama3, ...); `dynamic` and `longrope` update them with
+    transformers' `dynamic_rope_update` as the sequence grows.
+    """
+
+    name = "rope"
+
+    def __init__(self, config, causal: bool):
+        super().__init__(config, causal)
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        inv_freq, self.attention_scaling = self.rope_init_fn(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @classmethod
+    def validate(cls, config, causal: bool) -> None:
+        super().validate(config, causal)
+        rope_parameters = config.rope_parameters or {}
+        rope_type = rope_parameters.get("rope_type", "default")
+        allowed = ["default", *ROPE_INIT_FUNCTIONS]
+        if rope_type not in allowed:
+            raise ValueError(f"rope_parameters['rope_type']={rope_type!r} is not one of {allowed}.")
+        head_dim = config.hidden_size // config.num_attention_heads
+        factor = rope_parameters.get("partial_rotary_factor", 1.0)
+        if not 0.0 < factor <= 1.0:
+            raise ValueError(f"partial_rotary_factor must be in (0, 1], got {factor}.")
+        if int(head_dim * factor) % 2:
+            raise ValueError(
+                f"position_embedding_type={cls.name!r} rotates pairs of channels: the rotary dimension "
+                f"head_dim * partial_rotary_factor = {head_dim} * {factor} must be even (hidden_size / "
+                "num_attention_heads sets head_dim)."
+            )
+
+    def rope_init_fn(self, config) -> tuple[torch.Tensor, float]:
+        if self.rope_type != "default":
+            return ROPE_INIT_FUNCTIONS[self.rope_type](config)
+        parameters = config.rope_parameters
+        dim = int(self.head_dim * parameters.get("partial_rotary_factor", 1.0))
+        base = parameters["rope_theta"]
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin `[batch, len, rotary_dim]` at `position_ids` `[batch, len]`."""
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=position_ids.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+    def prepare(self, query_positions: torch.Tensor, key_positions: torch.Tensor, dtype: torch.dtype) -> PositionState:
+        cos, sin = self(torch.empty(0, dtype=dtype, device=query_positions.device), query_positions)
+        return PositionState(query_positions, key_positions, {"cos": cos, "sin": sin})
+
+    def rotate(
+        self, query: torch.Tensor, key: torch.Tensor, state: PositionState
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = state.tables["cos"], state.tables["sin"]
+        return apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+
+    def init_weights(self, config) -> None:
+        inv_freq, _ = self.rope_init_fn(config)
+        init.copy_(self.inv_freq, inv_freq)
+        init.copy_(self.original_inv_freq, inv_freq)
+
+
+class XPosEncoding(RotaryPositionEncoding):
+    """xPos (Sun et al. 2022): RoPE with a decay, `q_i <- zeta^(i/B) R(i) q_i`, `k_j <- zeta^(-j/B) R(j) k_j`,
+    `zeta_m = (2m/d + gamma) / (1 + gamma)`, `gamma = 0.4`, `B = xpos_scale_base`; `q.k` decays as `zeta^((i-j)/B)`.
+
+    Causal by design. The scales grow as `zeta^(-j/B)` for keys: fp32 holds them to about 30 * B positions.
+    """
+
+    name = "xpos"
+    decoder_only = True
+    gamma = 0.4
+
+    def __init__(self, config, causal: bool):
+        super().__init__(config, causal)
+        self.scale_base = config.xpos_scale_base
+
+    def prepare(self, query_positions: torch.Tensor, key_positions: torch.Tensor, dtype: torch.dtype) -> PositionState:
+        state = super().prepare(query_positions, key_positions, dtype)
+        rotary_dim = state.tables["cos"].shape[-1]
+        zeta = (torch.arange(0, rotary_dim, 2, device=query_positions.device, dtype=torch.float32) / rotary_dim
+                + self.gamma) / (1 + self.gamma)
+        scale = zeta ** (query_positions[..., None].float() / self.scale_base)
+        state.tables["scale"] = torch.cat((scale, scale), dim=-1)
+        return state
+
+    def rotate(
+        self, query: torch.Tensor, key: torch.Tensor, state: PositionState
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin, scale = state.tables["cos"].float(), state.tables["sin"].float(), state.tables["scale"]
+        query = apply_rotary(query.float(), cos * scale, sin * scale).to(query.dtype)
+        key = apply_rotary(key.float(), cos / scale, sin / scale).to(key.dtype)
+        return query, key
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bias schemes that depend on positions only: one bias per forward, shared by all layers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def relative_position_bucket(
+    relative_position: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int
+) -> torch.Tensor:
+    """T5's buckets of `relative_position = j - i` (Raffel et al. 2020): half the buckets exact, half logarithmic
+    up to `max_distance`; a causal model buckets only `i - j >= 0`."""
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    # The clamp keeps log() finite for distances that `is_small` selects anyway.
+    log_ratio = torch.log(distance.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact)
+    large = (max_exact + log_ratio * (num_buckets - max_exact)).long().clamp(max=num_buckets - 1)
+    return buckets + torch.where(is_small, distance, large)
+
+
+class StaticBiasEncoding(PositionEncoding):
+    """A bias that depends on positions only: computed once in `prepare` and shared by every layer."""
+
+    has_bias = True
+
+    def position_bias(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        """The bias `[batch, heads, q_len, k_len]` (or any broadcastable shape) for these positions."""
+        raise NotImplementedError
+
+    def prepare(self, query_positions: torch.Tensor, key_positions: torch.Tensor, dtype: torch.dtype) -> PositionState:
+        bias = self.position_bias(query_positions[:, :, None], key_positions[:, None, :])
+        return PositionState(query_positions, key_positions, {"bias": bias.to(dtype)})
+
+    def bias(
+        self, query: torch.Tensor, key: torch.Tensor, state: PositionState, layer_idx: int
+    ) -> torch.Tensor | None:
+        return state.tables["bias"]
+
+    def score_mod(
+        self, query: torch.Tensor, key: torch.Tensor, state: PositionState, layer_idx: int
+    ) -> ScoreMod | None:
+        query_positions, key_positions = state.query_positions, state.key_positions
+        tables = self.score_tables(query.device)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            bias = self.head_bias(query_positions[b, q_idx], key_positions[b, kv_idx], h, tables)
+            return score + bias.to(score.dtype)
+
+        return score_mod
+
+    def score_tables(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Small per-head tables that `head_bias` reads inside a `score_mod`."""
+        return {}
+
+    def head_bias(
+        self, query_position: torch.Tensor, key_position: torch.Tensor, head: torch.Tensor, tables: dict
+    ) -> torch.Tensor:
+        """The bias of one head at one (query, key) pair, elementwise over broadcastable index tensors."""
+        raise NotImplementedError
+
+
+class T5RelativeBias(StaticBiasEncoding):
+    """T5 (Raffel et al. 2020): a learned scalar per head and bucket of `j - i`,
+    `b_h(i, j) = B[bucket(j - i), h]`; bidirectional buckets in an encoder, causal buckets in a decoder."""
+
+    name = "t5"
+
+    def __init__(self, config, causal: bool):
+        super().__init__(config, causal)
+        self.num_buckets = config.relative_attention_num_buckets
+        self.max_distance = config.relative_attention_max_distance
+        self.relative_attention_bias = nn.Parameter(torch.empty(self.num_buckets, self.num_heads))
+
+    def buckets(self, query_position: torch.Tensor, key_position: torch.Tensor) -> torch.Tensor:
+        return relative_position_bucket(
+            key_position - query_position, not self.causal, self.num_buckets, self.max_distance
+        )
+
+    def position_bias(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        return self.relative_attention_bias[self.buckets(query_positions, key_positions)].movedim(-1, 1)
+
+    def head_bias(self, query_position, key_position, head, tables):
+        return self.relative_attention_bias[self.buckets(query_position, key_position), head]
+
+    def init_weights(self, config) -> None:
+        # T5 initialises the bias table with std d_model^-0.5 (its scores carry no 1/sqrt(d) factor).
+        init.normal_(self.relative_attention_bias, mean=0.0, std=config.hidden_size**-0.5)
+
+
+def alibi_slopes(num_heads: int, device: torch.device | None = None) -> torch.Tensor:
+    """ALiBi's head slopes (Press et al. 2022): the geometric sequence `2^(-8/n), 2^(-16/n), ...` for the largest
+    power of two `n <= num_heads`, then every other slope of the sequence for `2n` heads."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-8.0 / closest)
+    slopes = base ** torch.arange(1, closest + 1, device=device, dtype=torch.float32)
+    if closest < num_heads:
+        extra_base = 2.0 ** (-4.0 / closest)
+        extra = extra_base ** torch.arange(1, 2 * (num_heads - closest), 2, device=device, dtype=torch.float32)
+        slopes = torch.cat((slopes, extra))
+    return slopes
+
+
+class ALiBiEncoding(StaticBiasEncoding):
+    """ALiBi (Press et al. 2022): `b_h(i, j) = -m_h |j - i|` with fixed slopes `m_h`; in a decoder only `j <= i`
+    is attended, which is the paper's causal form."""
+
+    name = "alibi"
+
+    def position_bias(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        slopes = alibi_slopes(self.num_heads, query_positions.device)
+        distance = (key_positions - query_positions).abs().float()
+        return -slopes[:, None, None] * distance[:, None]
+
+    def score_tables(self, device):
+        return {"slopes": alibi_slopes(self.num_heads, device)}
+
+    def head_bias(self, query_position, key_position, head, tables):
+        return -tables["slopes"][head] * (key_position - query_position).abs().float()
+
+
+class KerpleEncoding(StaticBiasEncoding):
+    """KERPLE, logarithmic variant (Chi et al. 2022): `b_h(i, j) = -r1_h log(1 + r2_h |j - i|)`, `r1, r2 > 0`
+    learned per head (kept positive by clamping at 1e-2, as the paper's code does)."""
+
+    name = "kerple"
+    eps = 1e-2
+
+    def __init__(self, config, causal: bool):
+        super().__init__(config, causal)
+        self.bias_p = nn.Parameter(torch.empty(self.num_heads))
+        self.bias_a = nn.Parameter(torch.empty(self.num_heads))
+
+    def position_bias(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        r1 = self.bias_p.clamp(min=self.eps)[:, None, None]
+        r2 = self.bias_a.clamp(min=self.eps)[:, None, None]
+        distance = (key_positions - query_positions).abs().float()[:, None]
+        return -r1 * torch.log1p(r2 * distance)
+
+    def head_bias(self, query_position, key_position, head, tables):
+        r1 = self.bias_p.clamp(min=self.eps)[head]
+        r2 = self.bias_a.clamp(min=self.eps)[head]
+        return -r1 * torch.log1p(r2 * (key_position - query_position).abs().float())
+
+    def init_weights(self, config) -> None:
+        # The paper's code draws r1 ~ U(0, 2) and r2 ~ U(0, 1).
+        init.uniform_(self.bias_p, 0.0, 2.0)
+        init.uniform_(self.bias_a, 0.0, 1.0)
+
+
+class FireEncoding(StaticBiasEncoding):
+    """FIRE (Li et al. 2023): `b(i, j) = f(psi(|i - j|) / psi(max(L, i)))`, `psi(x) = log(c x + 1)`, `f` an MLP
+    `1 -> fire_mlp_width -> heads` (ReLU); `c` and the threshold `L` are learned (init 0.1 and 512). In an
+    encoder the distance is `|i - j|`."""
+
+    name = "fire"
+    init_c = 0.1
+    init_threshold = 512.0
+
+    def __init__(self, config, causal: bool):
+        super().__init__(config, causal)
+        width = config.fire_mlp_width
+        self.mlp = nn.Sequential(nn.Linear(1, width), nn.ReLU(), nn.Linear(width, self.num_heads))
+        self.c = nn.Parameter(torch.empty(()))
+        self.threshold = nn.Parameter(torch.empty(()))
+
+    def normalized_distance(self, query_position: torch.Tensor, key_position: torch.Tensor) -> torch.Tensor:
+        c = self.c.abs()
+        distance = (key_position - query_position).abs().float()
+        reference = torch.maximum(query_position.float(), self.threshold.abs())
+        return torch.log1p(c * distance) / torch.log1p(c * reference)
+
+    def position_bias(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        x = self.normalized_distance(query_positions, key_positions)
+        return self.mlp(x[..., None]).movedim(-1, 1)
+
+    def head_bias(self, query_position, key_position, head, tables):
+        x = self.normalized_distance(query_position, key_position)
+        first, last = self.mlp[0], self.mlp[2]
+        out = last.bias[head]
+        for unit in range(first.out_features):
+            out = out + torch.relu(x * first.weight[unit, 0] + first.bias[unit]) * last.weight[head, unit]
+        return out
+
+    def init_weights(self, config) -> None:
+        init.constant_(self.c, self.init_c)
+        init.constant_(self.threshold, self.init_threshold)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bias schemes that interact with content: per layer, from queries/keys and a small table of distances
+# --------------------------------------------------------------------------------------------------------------
+
+
+def gather_relative(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`out[b, h, i, j] = scores[b, h, i, index[b, i, j]]`: `scores` `[batch, heads, q_len, table]`,
+    `index` `[batch, q_len, k_len]`."""
+    batch, heads = scores.shape[:2]
+    index = index[:, None].expand(max(batch, index.shape[0]), heads, *index.shape[1:])
+    return scores.expand(index.shape[0], -1, -1, -1).gather(-1, index)
+
+
+def gather_relative_keys(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`out[b, h, i, j] = scores[b, h, j, index[b, i, j]]`: `scores` `[batch, heads, k_len, table]`,
+    `index` `[batch, q_len, k_len]`."""
+    batch, heads = scores.shape[:2]
+    index = index[:, None].expand(max(batch, index.shape[0]), heads, *index.shape[1:])
+    return scores.transpose(-1, -2).expand(index.shape[0], -1, -1, -1).gather(-2, index)
+
+
+class RelativeKeyEncoding(PositionEncoding):
+    """Shaw et al. 2018 / Huang et al. 2020 (method 3): `b(i, j) = q_i . r_clip(j - i, k) / sqrt(d)` with a learned
+    `r` of `2k + 1` rows of `head_dim` per layer, `k = max_relative_positions`."""
+
+    name = "relative_key"
+    has_bias = True
+    content_bias = True
+    uses_keys = False
+
+    def __init__(self, config, causal: bool):
+        super().__init__(config, causal)
+        self.max_distance = config.max_relative_positions
+        self.distance_embedding = nn.ModuleList(
+            nn.Embedding(2 * self.max_distance + 1, self.head_dim) for _ in range(self.num_layers)
+        )
+
+    def prepare(self, query_positions: torch.Tensor, key_positions: torch.Tensor, dtype: torch.dtype) -> PositionState:
+        state = PositionState(query_positions, key_positions)
+        index = relative_distance(state).clamp(-self.max_distance, self.max_distance) + self.max_distance
+        state.tables["index"] = index
+        return state
+
+    def distance_scores(self, query: torch.Tensor, key: torch.Tensor, layer_idx: int):
+        """`q . r` `[batch, heads, q_len, 2k+1]` and (method 4) `k . r` `[batch, heads, k_len, 2k+1]`, scaled."""
+        table = self.distance_embedding[layer_idx].weight.to(query.dtype)
+        scale = self.scaling(query.shape[-1])
+        query_scores = torch.matmul(query, table.T) * scale
+        key_scores = torch.matmul(key, table.T) * scale if self.uses_keys else None
+        return query_scores, key_scores
+
+    def bias(self, query, key, state, layer_idx):
+        query_scores, key_scores = self.distance_scores(query, key, layer_idx)
+        bias = gather_relative(query_scores, state.tables["index"])
+        if key_scores is not None:
+            bias = bias + gather_relative_keys(key_scores, state.tables["index"])
+        return bias
+
+    def score_mod(self, query, key, state, layer_idx):
+        query_scores, key_scores = self.distance_scores(query, key, layer_idx)
+        query_positions, key_positions, k = state.query_positions, state.key_positions, self.max_distance
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            index = (key_positions[b, kv_idx] - query_positions[b, q_idx]).clamp(-k, k) + k
+            out = score + query_scores[b, h, q_idx, index]
+            if key_scores is not None:
+                out = out + key_scores[b, h, kv_idx, index]
+            return out
+
+        return score_mod
+
+
+class RelativeKeyQueryEncoding(RelativeKeyEncoding):
+    """Huang et al. 2020 (method 4): `b(i, j) = (q_i . r_clip(j-i) + k_j . r_clip(j-i)) / sqrt(d)`."""
+
+    name = "relative_key_query"
+    uses_keys = True
+
+
+def make_log_bucket_position(relative_pos: torch.Tensor, bucket_size: int, max_position: int) -> torch.Tensor:
+    """DeBERTa's log buckets (He et al. 2021): distances below `bucket_size / 2` exact, then logarithmic up to
+    `max_position`; odd in `relative_pos`."""
+    sign = torch.sign(relative_pos)
+    mid = bucket_size // 2
+    abs_pos = torch.where((relative_pos < mid) & (relative_pos > -mid), torch.full_like(relative_pos, mid - 1),
+                          relative_pos.abs())
+    log_pos = torch.ceil(torch.log(abs_pos.float() / mid) / math.log((max_position - 1) / mid) * (mid - 1)) + mid
+    return torch.where(abs_pos <= mid, relative_pos, (log_pos * sign).long())
+
+
+class DisentangledEncoding(PositionEncoding):
+    """DeBERTa's disentangled attention (He et al. 2021): `A_ij = (q_i.k_j + q_i.Kr_d + k_j.Qr_d) / sqrt(3 d)`,
+    `d = bucket(i - j)` (log buckets), with shared relative embeddings (layer-normed) and per-layer position
+    projections `Kr = W_k,l r`, `Qr = W_q,l r` (DeBERTa's `share_att_key=False` form)."""
+
+    name = "deberta"
+    has_bias = True
+    content_bias = True
+
+    def __init__(self, config, causal: bool):
+        super().__init__(config, causal)
+        self.position_buckets = config.position_buckets
+        self.max_relative_positions = config.max_relative_positions
+        self.span = self.position_buckets if self.position_buckets > 0 else self.max_relative_positions
+        hidden = config.hidden_size
+        self.rel_embeddings = nn.Embedding(2 * self.span, hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.pos_key_proj = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(self.num_layers))
+        self.pos_query_proj = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(self.num_layers))
+
+    @classmethod
+    def validate(cls, config, causal: bool) -> None:
+        super().validate(config, causal)
+        if config.position_buckets > 0 and config.max_relative_positions - 1 <= config.position_buckets // 2:
+            raise ValueError(
+                f"position_embedding_type='deberta' needs max_relative_positions - 1 > position_buckets / 2 for its "
+                f"log buckets, got max_relative_positions={config.max_relative_positions}, "
+                f"position_buckets={config.position_buckets}."
+            )
+
+    def scaling(self, head_dim: int) -> float:
+        return (3 * head_dim) ** -0.5
+
+    def prepare(self, query_positions: torch.Tensor, key_positions: torch.Tensor, dtype: torch.dtype) -> PositionState:
+        relative = query_positions[:, :, None] - key_positions[:, None, :]
+        if self.position_buckets > 0:
+            relative = make_log_bucket_position(relative, self.position_buckets, self.max_relative_positions)
+        index = (relative + self.span).clamp(0, 2 * self.span - 1)
+        return PositionState(query_positions, key_positions, {"index": index})
+
+    def distance_scores(self, query: torch.Tensor, key: torch.Tensor, layer_idx: int):
+        """`q . Kr` `[batch, heads, q_len, 2 span]` and `k . Qr` `[batch, heads, k_len, 2 span]`, scaled."""
+        relative = self.LayerNorm(self.rel_embeddings.weight).to(query.dtype)
+        heads = (2 * self.span, self.num_heads, self.head_dim)
+        pos_key = self.pos_key_proj[layer_idx](relative).view(heads).transpose(0, 1)
+        pos_query = self.pos_query_proj[layer_idx](relative).view(heads).transpose(0, 1)
+        scale = self.scaling(query.shape[-1])
+        return torch.matmul(query, pos_key.transpose(-1, -2)) * scale, torch.matmul(key, pos_query.transpose(-1, -2)) * scale
+
+    def bias(self, query, key, state, layer_idx):
+        c2p, p2c = self.distance_scores(query, key, layer_idx)
+        index = state.tables["index"]
+        return gather_relative(c2p, index) + gather_relative_keys(p2c, index)
+
+    def score_mod(self, query, key, state, layer_idx):
+        c2p, p2c = self.distance_scores(query, key, layer_idx)
+        index = state.tables["index"]
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            d = index[b, q_idx, kv_idx]
+            return score + c2p[b, h, q_idx, d] + p2c[b, h, kv_idx, d]
+
+        return score_mod
+
+
+POSITION_ENCODINGS: dict[str, type[PositionEncoding]] = {
+    cls.name: cls
+    for cls in (
+        AbsolutePositionEncoding,
+        SinusoidalPositionEncoding,
+        RelativeKeyEncoding,
+        RelativeKeyQueryEncoding,
+        T5RelativeBias,
+        ALiBiEncoding,
+        KerpleEncoding,
+        FireEncoding,
+        DisentangledEncoding,
+        RotaryPositionEncoding,
+        XPosEncoding,
+        NoPositionEncoding,
+    )
+}
+
+
+def get_encoding_class(position_embedding_type: str) -> type[PositionEncoding]:
+    """The registered class of `position_embedding_type`, or a `ValueError` listing the allowed names."""
+    if position_embedding_type not in POSITION_ENCODINGS:
+        raise ValueError(
+            f"position_embedding_type={position_embedding_type!r} is not supported; choose one of "
+            f"{sorted(POSITION_ENCODINGS)}."
+        )
+    return POSITION_ENCODINGS[position_embedding_type]
+
+
+def build_position_encoding(config, causal: bool) -> PositionEncoding:
+    """Validate `config` for its `position_embedding_type` and build the encoding."""
+    cls = get_encoding_class(config.position_embedding_type)
+    cls.validate(config, causal)
+    return cls(config, causal)

@@ -1,0 +1,353 @@
+"""A BERT-style encoder whose position encoding is chosen by `config.position_embedding_type`.
+
+Module names and shapes are BERT's, so BERT, RoBERTa and MiniLM checkpoints load by name; the encoding sits where
+BERT keeps `embeddings.position_embeddings` (for `absolute` it *is* that table).
+"""
+
+import torch
+from torch import nn
+from torch.nn import CrossEntropyLoss
+from transformers import initialization as init
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPoolingAndCrossAttentions,
+    MaskedLMOutput,
+    MultipleChoiceModelOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+from transformers.modeling_utils import PreTrainedModel
+from transformers.models.bert.modeling_bert import (
+    BertIntermediate,
+    BertLMPredictionHead,
+    BertOnlyMLMHead,
+    BertOutput,
+    BertPooler,
+    BertSelfOutput,
+)
+from transformers.utils import logging
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .attention import attention_forward, resolve_kernel, token_positions
+from .configuration_relpos import RelPosBertConfig
+from .encodings import PositionEncoding, PositionState, build_position_encoding, get_encoding_class
+
+
+logger = logging.get_logger(__name__)
+
+
+class RelPosBertEmbeddings(nn.Module):
+    """Word (+ token type) embeddings, the encoding's `embed` hook, LayerNorm and dropout, in BERT's order."""
+
+    def __init__(self, config: RelPosBertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = build_position_encoding(config, causal=False)
+        self.token_type_embeddings = (
+            nn.Embedding(config.type_vocab_size, config.hidden_size) if config.type_vocab_size > 0 else None
+        )
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self, inputs_embeds: torch.Tensor, token_type_ids: torch.Tensor | None, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        embeddings = inputs_embeds
+        if self.token_type_embeddings is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros(inputs_embeds.shape[:-1], dtype=torch.long, device=inputs_embeds.device)
+            embeddings = embeddings + self.token_type_embeddings(token_type_ids)
+        embeddings = self.position_embeddings.embed(embeddings, position_ids)
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class RelPosBertSelfAttention(nn.Module):
+    """BERT's `query`/`key`/`value` projections around `attention_forward`."""
+
+    def __init__(self, config: RelPosBertConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_prob = config.attention_probs_dropout_prob
+        self.is_causal = False
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_encoding: PositionEncoding,
+        position_state: PositionState,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        shape = (*hidden_states.shape[:-1], self.num_heads, self.head_dim)
+        query = self.query(hidden_states).view(shape).transpose(1, 2)
+        key = self.key(hidden_states).view(shape).transpose(1, 2)
+        value = self.value(hidden_states).view(shape).transpose(1, 2)
+        output, weights = attention_forward(
+            self, query, key, value, attention_mask, position_encoding, position_state,
+            dropout=self.dropout_prob if self.training else 0.0, **kwargs,
+        )
+        return output.reshape(*hidden_states.shape[:-1], -1), weights
+
+
+class RelPosBertAttention(nn.Module):
+    def __init__(self, config: RelPosBertConfig, layer_idx: int):
+        super().__init__()
+        self.self = RelPosBertSelfAttention(config, layer_idx)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, hidden_states, attention_mask, position_encoding, position_state, **kwargs):
+        attention_output, _ = self.self(hidden_states, attention_mask, position_encoding, position_state, **kwargs)
+        return self.output(attention_output, hidden_states)
+
+
+class RelPosBertLayer(GradientCheckpointingLayer):
+    def __init__(self, config: RelPosBertConfig, layer_idx: int):
+        super().__init__()
+        self.attention = RelPosBertAttention(config, layer_idx)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, hidden_states, attention_mask, position_encoding, position_state, **kwargs) -> torch.Tensor:
+        attention_output = self.attention(hidden_states, attention_mask, position_encoding, position_state, **kwargs)
+        return self.output(self.intermediate(attention_output), attention_output)
+
+
+class RelPosBertEncoder(nn.Module):
+    def __init__(self, config: RelPosBertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(RelPosBertLayer(config, i) for i in range(config.num_hidden_layers))
+
+    def forward(self, hidden_states, attention_mask, position_encoding, position_state, **kwargs) -> torch.Tensor:
+        for layer in self.layer:
+            hidden_states = layer(hidden_states, attention_mask, position_encoding, position_state, **kwargs)
+        return hidden_states
+
+
+class RelPosBertPreTrainedModel(PreTrainedModel):
+    config: RelPosBertConfig
+    config_class = RelPosBertConfig
+    base_model_prefix = "bert"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RelPosBertEmbeddings", "RelPosBertLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {"hidden_states": RelPosBertLayer, "attentions": RelPosBertSelfAttention}
+    # Kernels are looked up through `ALL_ATTENTION_FUNCTIONS` in attention.py, so switching them at run time is safe.
+    _can_set_attn_implementation_cached_value = True
+
+    def __init__(self, config: RelPosBertConfig, *args, **kwargs):
+        config.validate_position_encoding()
+        super().__init__(config, *args, **kwargs)
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs) -> str:
+        # Masks are built for the kernel that will run: a kernel the encoding cannot use is replaced up front.
+        implementation = super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
+        return resolve_kernel(implementation, get_encoding_class(self.config.position_embedding_type))
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, BertLMPredictionHead):
+            init.zeros_(module.bias)
+        elif isinstance(module, PositionEncoding):
+            module.init_weights(self.config)
+
+
+class RelPosBertModel(RelPosBertPreTrainedModel):
+    """The bare encoder: `last_hidden_state` `[batch, len, hidden]` and BERT's `pooler_output`."""
+
+    def __init__(self, config: RelPosBertConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.embeddings = RelPosBertEmbeddings(config)
+        self.encoder = RelPosBertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    @property
+    def position_encoding(self) -> PositionEncoding:
+        return self.embeddings.position_embeddings
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPoolingAndCrossAttentions:
+        """`attention_mask` `[batch, len]` (1 = token, 0 = padding); positions count real tokens only, so padding
+        on either side leaves every real token's output unchanged."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape != (
+            input_ids if input_ids is not None else inputs_embeds[..., 0]
+        ).shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected [batch, len] = "
+                f"{tuple((input_ids if input_ids is not None else inputs_embeds[..., 0]).shape)}."
+            )
+        if inputs_embeds is None:
+            inputs_embeds = self.embeddings.word_embeddings(input_ids)
+        batch_size, length = inputs_embeds.shape[:2]
+        query_positions, key_positions = token_positions(
+            attention_mask, position_ids, batch_size, length, 0, length, inputs_embeds.device
+        )
+        hidden_states = self.embeddings(inputs_embeds, token_type_ids, query_positions)
+        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
+        state = self.position_encoding.prepare(query_positions, key_positions, hidden_states.dtype)
+        hidden_states = self.encoder(hidden_states, mask, self.position_encoding, state, **kwargs)
+        pooled = self.pooler(hidden_states) if self.pooler is not None else None
+        return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=hidden_states, pooler_output=pooled)
+
+
+class RelPosBertForMaskedLM(RelPosBertPreTrainedModel):
+    _tied_weights_keys = {
+        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.bias": "cls.predictions.bias",
+    }
+
+    def __init__(self, config: RelPosBertConfig):
+        super().__init__(config)
+        self.bert = RelPosBertModel(config, add_pooling_layer=False)
+        self.cls = BertOnlyMLMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.cls.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.cls.predictions.decoder = new_embeddings
+        self.cls.predictions.bias = new_embeddings.bias
+
+    @can_return_tuple
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels: torch.Tensor | None = None, **kwargs) -> MaskedLMOutput:
+        outputs = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                            position_ids=position_ids, inputs_embeds=inputs_embeds, return_dict=True, **kwargs)
+        logits = self.cls(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                              attentions=outputs.attentions)
+
+
+class RelPosBertForSequenceClassification(RelPosBertPreTrainedModel):
+    # The loss is a per-batch mean: Trainer must not rescale it by `num_items_in_batch`.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: RelPosBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = RelPosBertModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels: torch.Tensor | None = None, **kwargs) -> SequenceClassifierOutput:
+        outputs = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                            position_ids=position_ids, inputs_embeds=inputs_embeds, return_dict=True, **kwargs)
+        logits = self.classifier(self.dropout(outputs.pooler_output))
+        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                        attentions=outputs.attentions)
+
+
+class RelPosBertForTokenClassification(RelPosBertPreTrainedModel):
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: RelPosBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = RelPosBertModel(config, add_pooling_layer=False)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels: torch.Tensor | None = None, **kwargs) -> TokenClassifierOutput:
+        outputs = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                            position_ids=position_ids, inputs_embeds=inputs_embeds, return_dict=True, **kwargs)
+        logits = self.classifier(self.dropout(outputs.last_hidden_state))
+        loss = self.loss_function(logits, labels, self.config) if labels is not None else None
+        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                     attentions=outputs.attentions)
+
+
+class RelPosBertForQuestionAnswering(RelPosBertPreTrainedModel):
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: RelPosBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = RelPosBertModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, start_positions: torch.Tensor | None = None,
+                end_positions: torch.Tensor | None = None, **kwargs) -> QuestionAnsweringModelOutput:
+        outputs = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                            position_ids=position_ids, inputs_embeds=inputs_embeds, return_dict=True, **kwargs)
+        start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).split(1, dim=-1)
+        start_logits, end_logits = start_logits.squeeze(-1).contiguous(), end_logits.squeeze(-1).contiguous()
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions)
+        return QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
+                                            hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+class RelPosBertForMultipleChoice(RelPosBertPreTrainedModel):
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: RelPosBertConfig):
+        super().__init__(config)
+        self.bert = RelPosBertModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels: torch.Tensor | None = None, **kwargs) -> MultipleChoiceModelOutput:
+        """Inputs are `[batch, num_choices, len]`; logits `[batch, num_choices]`."""
+        num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+
+        def flat(x):
+            return x.reshape(-1, *x.shape[2:]) if x is not None else None
+
+        outputs = self.bert(flat(input_ids), attention_mask=flat(attention_mask),
+                            token_type_ids=flat(token_type_ids), position_ids=flat(position_ids),
+                            inputs_embeds=flat(inputs_embeds), return_dict=True, **kwargs)
+        logits = self.classifier(self.dropout(outputs.pooler_output)).view(-1, num_choices)
+        loss = CrossEntropyLoss()(logits, labels) if labels is not None else None
+        return MultipleChoiceModelOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                         attentions=outputs.attentions)
