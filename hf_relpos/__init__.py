@@ -6,6 +6,7 @@ Importing the package registers every model with transformers' Auto classes.
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForMultipleChoice,
     AutoModelForQuestionAnswering,
@@ -13,7 +14,7 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
-from .configuration_relpos import RelPosBertConfig
+from .configuration_relpos import RelPosBertConfig, RelPosGPTConfig
 from .encodings import POSITION_ENCODINGS, PositionEncoding, PositionState
 from .modeling_relpos_bert import (
     RelPosBertForMaskedLM,
@@ -24,26 +25,41 @@ from .modeling_relpos_bert import (
     RelPosBertModel,
     RelPosBertPreTrainedModel,
 )
+from .modeling_relpos_gpt import (
+    RelPosGPTForCausalLM,
+    RelPosGPTForSequenceClassification,
+    RelPosGPTModel,
+    RelPosGPTPreTrainedModel,
+)
 
 
 __version__ = "0.1.0"
 
-_BERT_AUTO_CLASSES = {
-    AutoModel: RelPosBertModel,
-    AutoModelForMaskedLM: RelPosBertForMaskedLM,
-    AutoModelForSequenceClassification: RelPosBertForSequenceClassification,
-    AutoModelForTokenClassification: RelPosBertForTokenClassification,
-    AutoModelForQuestionAnswering: RelPosBertForQuestionAnswering,
-    AutoModelForMultipleChoice: RelPosBertForMultipleChoice,
+AUTO_CLASSES = {
+    RelPosBertConfig: {
+        AutoModel: RelPosBertModel,
+        AutoModelForMaskedLM: RelPosBertForMaskedLM,
+        AutoModelForSequenceClassification: RelPosBertForSequenceClassification,
+        AutoModelForTokenClassification: RelPosBertForTokenClassification,
+        AutoModelForQuestionAnswering: RelPosBertForQuestionAnswering,
+        AutoModelForMultipleChoice: RelPosBertForMultipleChoice,
+    },
+    RelPosGPTConfig: {
+        AutoModel: RelPosGPTModel,
+        AutoModelForCausalLM: RelPosGPTForCausalLM,
+        AutoModelForSequenceClassification: RelPosGPTForSequenceClassification,
+    },
 }
 
 
 def _register() -> None:
-    AutoConfig.register(RelPosBertConfig.model_type, RelPosBertConfig, exist_ok=True)
-    RelPosBertConfig.register_for_auto_class()
-    for auto_class, model_class in _BERT_AUTO_CLASSES.items():
-        auto_class.register(RelPosBertConfig, model_class, exist_ok=True)
-        model_class.register_for_auto_class(auto_class.__name__)
+    """Register with the Auto classes, and mark every class so `save_pretrained` writes its code beside it."""
+    for config_class, models in AUTO_CLASSES.items():
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        config_class.register_for_auto_class()
+        for auto_class, model_class in models.items():
+            auto_class.register(config_class, model_class, exist_ok=True)
+            model_class.register_for_auto_class(auto_class.__name__)
 
 
 _register()
@@ -60,4 +76,9 @@ __all__ = [
     "RelPosBertForTokenClassification",
     "RelPosBertModel",
     "RelPosBertPreTrainedModel",
+    "RelPosGPTConfig",
+    "RelPosGPTForCausalLM",
+    "RelPosGPTForSequenceClassification",
+    "RelPosGPTModel",
+    "RelPosGPTPreTrainedModel",
 ]

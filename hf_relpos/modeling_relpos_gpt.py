@@ -1,0 +1,358 @@
+"""A GPT-2-style decoder whose position encoding is chosen by `config.position_embedding_type`.
+
+Module names and the Conv1D weight layout are GPT-2's, so GPT-2 checkpoints load by name; the encoding sits where
+GPT-2 keeps `wpe` (for `absolute` it *is* that table). Generation uses transformers' `GenerationMixin` and caches:
+rotary keys are rotated before they are cached and every bias is measured between true token positions (cache
+offset and left padding included).
+"""
+
+import math
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPastAndCrossAttentions,
+    CausalLMOutputWithCrossAttentions,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .attention import attention_forward, resolve_kernel, token_positions
+from .configuration_relpos import RelPosGPTConfig
+from .encodings import PositionEncoding, PositionState, build_position_encoding, get_encoding_class
+
+
+logger = logging.get_logger(__name__)
+
+
+class RelPosGPTAttention(nn.Module):
+    """GPT-2's fused `c_attn` (self) or `q_attn` + `c_attn` (cross) projections around `attention_forward`.
+
+    Cross-attention carries no position terms: it attends over the encoder's states as a set.
+    """
+
+    def __init__(self, config: RelPosGPTConfig, layer_idx: int, is_cross_attention: bool = False):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.embed_dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = self.embed_dim // self.num_heads
+        self.is_cross_attention = is_cross_attention
+        self.is_causal = not is_cross_attention
+        # A multiplier of the encoding's softmax scale, for GPT-2's two scaling switches.
+        self.scale = 1.0 if config.scale_attn_weights else math.sqrt(self.head_dim)
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scale /= float(layer_idx + 1)
+        if is_cross_attention:
+            self.c_attn = Conv1D(2 * self.embed_dim, self.embed_dim)
+            self.q_attn = Conv1D(self.embed_dim, self.embed_dim)
+        else:
+            self.c_attn = Conv1D(3 * self.embed_dim, self.embed_dim)
+        self.c_proj = Conv1D(self.embed_dim, self.embed_dim)
+        self.attn_dropout = nn.Dropout(config.attn_pdrop)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """`[batch, len, hidden] -> [batch, heads, len, head_dim]`."""
+        return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_encoding: PositionEncoding | None,
+        position_state: PositionState | None,
+        past_key_values: Cache | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = past_key_values
+        if isinstance(past_key_values, EncoderDecoderCache):
+            cache = past_key_values.cross_attention_cache if self.is_cross_attention else past_key_values.self_attention_cache
+        if self.is_cross_attention:
+            query = self.split_heads(self.q_attn(hidden_states))
+            if cache is not None and past_key_values.is_updated.get(self.layer_idx):
+                key, value = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
+            else:
+                key, value = (self.split_heads(x) for x in self.c_attn(encoder_hidden_states).split(self.embed_dim, dim=2))
+                if cache is not None:
+                    key, value = cache.update(key, value, self.layer_idx)
+                    past_key_values.is_updated[self.layer_idx] = True
+            cache = None
+        else:
+            query, key, value = (self.split_heads(x) for x in self.c_attn(hidden_states).split(self.embed_dim, dim=2))
+        output, weights = attention_forward(
+            self, query, key, value, attention_mask, position_encoding, position_state, past_key_values=cache,
+            dropout=self.attn_dropout.p if self.training else 0.0, scale=self.scale, **kwargs,
+        )
+        output = self.resid_dropout(self.c_proj(output.reshape(*output.shape[:-2], -1)))
+        return output, weights
+
+
+class RelPosGPTBlock(GradientCheckpointingLayer):
+    def __init__(self, config: RelPosGPTConfig, layer_idx: int):
+        super().__init__()
+        hidden_size = config.hidden_size
+        self.ln_1 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
+        self.attn = RelPosGPTAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
+        if config.add_cross_attention:
+            self.crossattention = RelPosGPTAttention(config, layer_idx, is_cross_attention=True)
+            self.ln_cross_attn = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
+        self.mlp = GPT2MLP(config.n_inner if config.n_inner is not None else 4 * hidden_size, config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_encoding: PositionEncoding,
+        position_state: PositionState,
+        past_key_values: Cache | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attn_output, _ = self.attn(
+            self.ln_1(hidden_states), attention_mask, position_encoding, position_state, past_key_values, **kwargs
+        )
+        hidden_states = hidden_states + attn_output
+        if encoder_hidden_states is not None:
+            if not hasattr(self, "crossattention"):
+                raise ValueError(
+                    "encoder_hidden_states were passed but the decoder has no cross-attention: build it with "
+                    "add_cross_attention=True."
+                )
+            cross_output, _ = self.crossattention(
+                self.ln_cross_attn(hidden_states), encoder_attention_mask, None, None, past_key_values,
+                encoder_hidden_states=encoder_hidden_states,
+            )
+            hidden_states = hidden_states + cross_output
+        return hidden_states + self.mlp(self.ln_2(hidden_states))
+
+
+class RelPosGPTPreTrainedModel(PreTrainedModel):
+    config: RelPosGPTConfig
+    config_class = RelPosGPTConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RelPosGPTBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "hidden_states": RelPosGPTBlock,
+        "attentions": OutputRecorder(RelPosGPTAttention, layer_name=".attn", index=1),
+        "cross_attentions": OutputRecorder(RelPosGPTAttention, layer_name=".crossattention", index=1),
+    }
+    # GPT-2 checkpoints of older transformers carry the causal mask as a buffer.
+    _keys_to_ignore_on_load_unexpected = [r"attn\.bias", r"crossattention\.bias", r"attn\.masked_bias"]
+    # Kernels are looked up through `ALL_ATTENTION_FUNCTIONS` in attention.py, so switching them at run time is safe.
+    _can_set_attn_implementation_cached_value = True
+
+    def __init__(self, config: RelPosGPTConfig, *args, **kwargs):
+        config.validate_position_encoding()
+        super().__init__(config, *args, **kwargs)
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs) -> str:
+        # Masks are built for the kernel that will run: a kernel the encoding cannot use is replaced up front.
+        implementation = super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
+        return resolve_kernel(implementation, get_encoding_class(self.config.position_embedding_type))
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, Conv1D):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            init.zeros_(module.bias)
+        if isinstance(module, (RelPosGPTAttention, GPT2MLP)):
+            # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
+            std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
+            init.normal_(module.c_proj.weight, mean=0.0, std=std)
+        elif isinstance(module, PositionEncoding):
+            module.init_weights(self.config)
+
+
+class RelPosGPTModel(RelPosGPTPreTrainedModel):
+    """The bare decoder: `last_hidden_state` `[batch, len, hidden]` and the cache."""
+
+    def __init__(self, config: RelPosGPTConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wpe = build_position_encoding(config, causal=True)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList(RelPosGPTBlock(config, i) for i in range(config.num_hidden_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.wte = new_embeddings
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
+        """`attention_mask` `[batch, past + len]` (1 = token, 0 = padding) sets the positions of real tokens, so a
+        left-padded batch generates as each prompt alone."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if use_cache and self.config.add_cross_attention and not isinstance(past_key_values, EncoderDecoderCache):
+            past_key_values = EncoderDecoderCache(past_key_values, DynamicCache(config=self.config))
+        batch_size, length = inputs_embeds.shape[:2]
+        past_length, key_length = 0, length
+        if past_key_values is not None:
+            past_length = past_key_values.get_seq_length()
+            key_length, _ = past_key_values.get_mask_sizes(length, 0)
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] < past_length + length:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} tokens but the cache holds {past_length} and the "
+                f"input adds {length}: pass the mask of the whole sequence, [batch, past + len]."
+            )
+        query_positions, key_positions = token_positions(
+            attention_mask, position_ids, batch_size, length, past_length, key_length, inputs_embeds.device
+        )
+        hidden_states = self.wpe.embed(inputs_embeds, query_positions)
+        if token_type_ids is not None:
+            hidden_states = hidden_states + self.wte(token_type_ids)
+        hidden_states = self.drop(hidden_states)
+
+        mask = create_causal_mask(
+            config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            past_key_values=past_key_values, position_ids=query_positions,
+        )
+        if encoder_hidden_states is not None:
+            encoder_attention_mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=inputs_embeds, attention_mask=encoder_attention_mask,
+                encoder_hidden_states=encoder_hidden_states,
+            )
+        state = self.wpe.prepare(query_positions, key_positions, hidden_states.dtype)
+        cache = past_key_values if not (self.gradient_checkpointing and self.training) else None
+        for block in self.h:
+            hidden_states = block(
+                hidden_states, mask, self.wpe, state, cache, encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask, **kwargs,
+            )
+        return BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=self.ln_f(hidden_states), past_key_values=past_key_values if use_cache else None
+        )
+
+
+class RelPosGPTForCausalLM(RelPosGPTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: RelPosGPTConfig):
+        super().__init__(config)
+        self.transformer = RelPosGPTModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithCrossAttentions:
+        """`labels` `[batch, len]` are shifted inside the loss; the loss honours Trainer's `num_items_in_batch`."""
+        outputs = self.transformer(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+            token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
+            encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
+            use_cache=use_cache, **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithCrossAttentions(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions, cross_attentions=outputs.cross_attentions,
+        )
+
+
+class RelPosGPTForSequenceClassification(RelPosGPTPreTrainedModel):
+    """GPT-2's classifier: `score` on the last non-padding token."""
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: RelPosGPTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = RelPosGPTModel(config)
+        self.score = nn.Linear(config.n_embd, self.num_labels, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        outputs = self.transformer(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+            token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, **kwargs,
+        )
+        logits = self.score(outputs.last_hidden_state)
+        batch_size = logits.shape[0]
+        if self.config.pad_token_id is None and batch_size != 1:
+            raise ValueError("Batches of more than one sequence need config.pad_token_id to find each last token.")
+        if self.config.pad_token_id is None or input_ids is None:
+            last = torch.full((batch_size,), logits.shape[1] - 1, device=logits.device)
+        else:
+            # The rightmost real token: works for left and right padding alike.
+            is_token = (input_ids != self.config.pad_token_id).to(logits.device, torch.long)
+            last = (is_token * torch.arange(input_ids.shape[-1], device=logits.device)).argmax(-1)
+        pooled_logits = logits[torch.arange(batch_size, device=logits.device), last]
+        loss = self.loss_function(labels, pooled_logits, self.config) if labels is not None else None
+        return SequenceClassifierOutputWithPast(
+            loss=loss, logits=pooled_logits, past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+        )
