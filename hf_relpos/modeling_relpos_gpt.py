@@ -79,13 +79,17 @@ class RelPosGPTAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         cache = past_key_values
         if isinstance(past_key_values, EncoderDecoderCache):
-            cache = past_key_values.cross_attention_cache if self.is_cross_attention else past_key_values.self_attention_cache
+            cache = (
+                past_key_values.cross_attention_cache if self.is_cross_attention
+                else past_key_values.self_attention_cache
+            )
         if self.is_cross_attention:
             query = self.split_heads(self.q_attn(hidden_states))
             if cache is not None and past_key_values.is_updated.get(self.layer_idx):
                 key, value = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
             else:
-                key, value = (self.split_heads(x) for x in self.c_attn(encoder_hidden_states).split(self.embed_dim, dim=2))
+                key, value = self.c_attn(encoder_hidden_states).split(self.embed_dim, dim=2)
+                key, value = self.split_heads(key), self.split_heads(value)
                 if cache is not None:
                     key, value = cache.update(key, value, self.layer_idx)
                     past_key_values.is_updated[self.layer_idx] = True
