@@ -1,0 +1,29 @@
+PYTHON ?= python3
+PIP_INSTALL = $(PYTHON) -m pip install
+
+.PHONY: install test test-fast lint demo bench
+
+# Editable install with the test and example extras (torch==2.13.0 is the CPU wheel on disk).
+install:
+	$(PIP_INSTALL) -e ".[dev,examples]"
+
+# The whole suite, slow end-to-end tests included: this is what CI runs (.ci/run).
+test: install
+	$(PYTHON) -m pytest tests -q -p no:cacheprovider --timeout=900
+
+# Everything but the end-to-end runs marked `slow`.
+test-fast: install
+	$(PYTHON) -m pytest tests -q -p no:cacheprovider --timeout=900 -m "not slow"
+
+# Folders that do not exist (yet) are skipped rather than reported as E902.
+LINT_PATHS = $(wildcard hf_relpos tests examples benchmarks)
+
+lint:
+	$(PYTHON) -m ruff check $(LINT_PATHS)
+
+# Convert the pretrained MiniLM to a relative encoding, fine-tune, evaluate, save with code + card, reload.
+demo: install
+	$(PYTHON) examples/demo.py
+
+bench:
+	$(PYTHON) benchmarks/run.py
