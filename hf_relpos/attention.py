@@ -6,8 +6,12 @@ which rotates, updates the cache, asks the encoding for its bias and runs the ke
 which folds `position_bias` into its float mask) or any other registered kernel that can serve the encoding.
 """
 
+import warnings
+from functools import cache
+
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
@@ -36,21 +40,20 @@ def token_positions(
     """
     if attention_mask is not None and attention_mask.dim() == 2:
         counted = attention_mask.to(device=device, dtype=torch.long).cumsum(-1) - 1
-        key_positions = counted.clamp(min=0)
-        if key_positions.shape[-1] < key_length:
-            extra = torch.arange(1, key_length - key_positions.shape[-1] + 1, device=device)
-            key_positions = torch.cat((key_positions, key_positions[:, -1:] + extra), dim=-1)
-        key_positions = key_positions[:, :key_length].expand(batch_size, -1)
-        query_positions = key_positions[:, past_length : past_length + query_length]
+        key_positions = counted.clamp(min=0)[:, :key_length].expand(batch_size, -1)
     else:
-        key_positions = torch.arange(key_length, device=device).expand(batch_size, -1)
-        query_positions = key_positions[:, past_length : past_length + query_length]
+        key_positions = torch.arange(min(key_length, past_length + query_length), device=device).expand(batch_size, -1)
+    query_positions = key_positions[:, past_length : past_length + query_length]
     if position_ids is not None:
         query_positions = position_ids.to(device).expand(batch_size, -1)
         if attention_mask is None or attention_mask.dim() != 2:
             # Cached keys precede the first query contiguously.
             start = query_positions[:, :1] - past_length
             key_positions = torch.cat((start + torch.arange(past_length, device=device), query_positions), dim=-1)
+    if key_positions.shape[-1] < key_length:
+        # A static cache attends over all its slots: the empty ones continue the count (they are masked anyway).
+        extra = torch.arange(1, key_length - key_positions.shape[-1] + 1, device=device)
+        key_positions = torch.cat((key_positions, key_positions[:, -1:] + extra), dim=-1)
     return query_positions, key_positions
 
 
@@ -85,8 +88,49 @@ def eager_attention_forward(
     return output, weights
 
 
-# Kernels that take a dense `position_bias`; others serve only encodings without a bias.
-BIAS_KERNELS = ("eager", "sdpa")
+@cache
+def compiled_flex_attention():
+    # Static shapes: torch 2.13's dynamic compile of flex attention breaks on CPU.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: BlockMask | None,
+    scaling: float,
+    dropout: float = 0.0,
+    score_mod=None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Flex attention with the encoding's `score_mod` and the padding/causal `BlockMask`: no `[q_len, k_len]`
+    tensor is built. A single query (a decode step) runs the uncompiled kernel, whose `[batch, heads, 1, k_len]`
+    scores are linear in length and need no recompilation as the cache grows."""
+    if dropout > 0.0:
+        raise ValueError(
+            "attn_implementation='flex_attention' has no attention dropout: set the attention dropout "
+            "(attention_probs_dropout_prob / attn_pdrop) to 0, call model.eval(), or use 'sdpa'."
+        )
+    if query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad:
+        raise ValueError(
+            "attn_implementation='flex_attention' has no backward pass on CPU in this torch version: train with "
+            "'sdpa' or 'eager', and use 'flex_attention' for inference and generation (torch.no_grad())."
+        )
+    block_mask = attention_mask if isinstance(attention_mask, BlockMask) else None
+    if query.shape[2] == 1:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            output = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling)
+    else:
+        output = compiled_flex_attention()(query, key, value, score_mod=score_mod, block_mask=block_mask,
+                                           scale=scaling)
+    return output.transpose(1, 2).contiguous(), None
+
+
+# Kernels that apply a position bias: a dense `position_bias` (eager, sdpa) or a `score_mod` (flex).
+BIAS_KERNELS = ("eager", "sdpa", "flex_attention")
 
 
 def resolve_kernel(implementation: str | None, encoding: type[PositionEncoding] | PositionEncoding | None) -> str:
@@ -120,17 +164,20 @@ def attention_forward(
     `scale` multiplies the encoding's softmax scale (GPT-2's `scale_attn_by_inverse_layer_idx`). Returns
     `[batch, q_len, heads, d]` and the attention weights when the kernel produces them.
     """
-    bias = None
     scaling = scale * query.shape[-1] ** -0.5
     if encoding is not None:
         query, key = encoding.rotate(query, key, state)
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, module.layer_idx)
+    implementation = resolve_kernel(module.config._attn_implementation, encoding)
     if encoding is not None:
         scaling = scale * encoding.scaling(query.shape[-1])
-        bias = encoding.bias(query, key, state, module.layer_idx)
-    implementation = resolve_kernel(module.config._attn_implementation, encoding)
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-    if bias is not None:
-        kwargs["position_bias"] = bias
+        if implementation == "flex_attention":
+            kwargs["score_mod"] = encoding.score_mod(query, key, state, module.layer_idx)
+        elif (bias := encoding.bias(query, key, state, module.layer_idx)) is not None:
+            kwargs["position_bias"] = bias
+    if implementation == "flex_attention":
+        interface = flex_attention_forward
+    else:
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
     return interface(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
