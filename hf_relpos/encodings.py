@@ -156,7 +156,9 @@ class SinusoidalPositionEncoding(PositionEncoding):
     def validate(cls, config, causal: bool) -> None:
         super().validate(config, causal)
         if config.hidden_size % 2:
-            raise ValueError(f"position_embedding_type='sinusoidal' needs an even hidden_size, got {config.hidden_size}.")
+            raise ValueError(
+                f"position_embedding_type='sinusoidal' needs an even hidden_size, got {config.hidden_size}."
+            )
 
     def embed(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         dim = inputs_embeds.shape[-1]
@@ -635,7 +637,9 @@ class DisentangledEncoding(PositionEncoding):
         pos_key = self.pos_key_proj[layer_idx](relative).view(heads).transpose(0, 1)
         pos_query = self.pos_query_proj[layer_idx](relative).view(heads).transpose(0, 1)
         scale = self.scaling(query.shape[-1])
-        return torch.matmul(query, pos_key.transpose(-1, -2)) * scale, torch.matmul(key, pos_query.transpose(-1, -2)) * scale
+        content_to_position = torch.matmul(query, pos_key.transpose(-1, -2)) * scale
+        position_to_content = torch.matmul(key, pos_query.transpose(-1, -2)) * scale
+        return content_to_position, position_to_content
 
     def bias(self, query, key, state, layer_idx):
         c2p, p2c = self.distance_scores(query, key, layer_idx)
