@@ -124,6 +124,8 @@ def flex_attention_forward(
             warnings.simplefilter("ignore", UserWarning)
             output = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling)
     else:
+        # Contiguous inputs keep one compiled graph per shape (cached keys arrive with other strides).
+        query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
         output = compiled_flex_attention()(query, key, value, score_mod=score_mod, block_mask=block_mask,
                                            scale=scaling)
     return output.transpose(1, 2).contiguous(), None
