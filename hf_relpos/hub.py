@@ -1,14 +1,23 @@
-"""Model cards for relpos models: Hub metadata (YAML) and text, rendered from a saved model folder.
+"""Model cards and pushes for relpos models.
 
-`write_model_card(folder)` reads `config.json` and, when present, Trainer's `trainer_state.json`,
-`all_results.json` / `eval_results.json` and `training_args.json` beside it.
+- `render_model_card(folder, ...)` / `write_model_card(folder, ...)`: the `README.md` of a saved model, Hub
+  metadata (YAML) and text, from its `config.json` and, when present, Trainer's `trainer_state.json`,
+  `all_results.json` / `eval_results.json` and `training_args.json` beside it.
+- `files_to_push(folder)`: exactly the files loading needs (weights, config, code, tokenizer, card); refuses
+  pickled weights.
+- `push_to_hub(folder, repo_id, ...)`: uploads those files (and the card, written first when missing) with
+  huggingface_hub's `HfApi`; `push_model_card(folder, repo_id, ...)` uploads the card alone, e.g. after
+  `model.push_to_hub(repo_id)`.
 """
 
+import glob
 import json
+import logging
+import re
 from pathlib import Path
 
 import yaml
-from huggingface_hub import ModelCard
+from huggingface_hub import CommitInfo, HfApi, ModelCard
 
 from .encodings import get_encoding_class
 
@@ -102,23 +111,32 @@ def render_model_card(
     args = _read_json(folder / "training_args.json") or {}
     training_lines = [f"- {key}: {args[key]}" for key in ("learning_rate", "num_train_epochs",
                       "per_device_train_batch_size", "seed") if key in args]
+    for key, label in (("train_batch_size", "train_batch_size"), ("num_train_epochs", "num_train_epochs")):
+        if key in state and not any(line.startswith(f"- {label}") for line in training_lines):
+            training_lines.append(f"- {label}: {state[key]}")
     if state.get("global_step"):
         training_lines.append(f"- steps: {state['global_step']}")
+    training_lines.append(f"- architecture: {architecture}, {config.get('num_hidden_layers', config.get('n_layer'))}"
+                          f" layers, hidden size {config.get('hidden_size', config.get('n_embd'))}")
     length = config.get("max_position_embeddings") or config.get("n_positions")
+    has_tokenizer = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     evaluation = "\n".join(["| metric | value |", "|---|---|",
                             *(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()))]) if metrics else (
         "No evaluation results were saved with this model.")
     card = TEMPLATE.read_text().format(
         metadata=yaml.safe_dump(metadata, sort_keys=False).strip(),
         title=repo_id,
-        architecture_kind="decoder (GPT-2 layout)" if config.get("model_type") == "relpos_gpt"
-        else "encoder (BERT layout)",
+        architecture_kind="A decoder (GPT-2 layout)" if config.get("model_type") == "relpos_gpt"
+        else "An encoder (BERT layout)",
         encoding=encoding,
         converted_from=f", converted from `{base_model}`" if base_model else "",
         encoding_description=encoding_description(encoding),
-        auto_class=auto_class,
-        repo_id=repo_id,
-        training="\n".join(training_lines) or "Training settings were not saved with this model.",
+        imports=", ".join(sorted({auto_class, *(["AutoTokenizer"] if has_tokenizer else [])})),
+        load_lines="\n".join([
+            *([f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")'] if has_tokenizer else []),
+            f'model = {auto_class}.from_pretrained("{repo_id}", trust_remote_code=True)',
+        ]),
+        training="\n".join(training_lines),
         evaluation=evaluation,
         limitations=f"Positions seen in training: up to {length} (`max_position_embeddings`). Beyond that the "
         f"model {EXTRAPOLATION.get(encoding, DEFAULT_EXTRAPOLATION)}",
@@ -132,3 +150,152 @@ def write_model_card(folder: str | Path, **kwargs) -> Path:
     path = Path(folder) / "README.md"
     path.write_text(render_model_card(folder, **kwargs))
     return path
+
+
+logger = logging.getLogger(__name__)
+
+# Files that loading reads besides weights and code, when the folder has them.
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "chat_template.jinja", "chat_template.json",
+)
+CARD_FILE = "README.md"
+SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+# Pickle files: never uploaded. Trainer's own state is skipped quietly; pickled *weights* are refused.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+TRAINING_STATE = re.compile(r"^(training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth)$")
+# Remote files a push replaces: weights, code and pickles of an earlier push (or of `Trainer.push_to_hub`) that
+# this folder does not provide are deleted in the same commit, so the repo holds exactly what `files_to_push` lists.
+STALE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.py", *(f"*{s}" for s in PICKLE_SUFFIXES)]
+
+
+class UnsafePushError(ValueError):
+    """The folder cannot be pushed as it is: pickled weights, no safetensors weights, or missing code files."""
+
+
+def _code_files(folder: Path, config: dict) -> list[str]:
+    """The modelling code loading needs: every module `auto_map` names, and their relative imports, recursively."""
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    references = []
+    for value in (config.get("auto_map") or {}).values():
+        references += value if isinstance(value, (list, tuple)) else [value]
+    pending = sorted({ref.rsplit(".", 1)[0] for ref in references if ref and "--" not in ref})
+    needed: list[str] = []
+    while pending:
+        module = pending.pop()
+        name = f"{module}.py"
+        if name in needed:
+            continue
+        if not (folder / name).is_file():
+            raise UnsafePushError(
+                f"{folder} has no {name}, which config.json's auto_map needs to load with trust_remote_code=True. "
+                "Save the model with `save_pretrained` while hf_relpos is imported so its code is copied beside it."
+            )
+        needed.append(name)
+        pending += [m for m in get_relative_imports(folder / name) if f"{m}.py" not in needed]
+    return sorted(needed)
+
+
+def files_to_push(folder: str | Path) -> list[str]:
+    """The files of the model saved in `folder` that loading needs, relative to it.
+
+    `config.json` (+ `generation_config.json`), the safetensors weights (one file, or the index and every shard it
+    names), the code files `auto_map` needs, the tokenizer files, and `README.md` — whichever of the optional ones
+    exist. Raises `UnsafePushError` for pickled weights (`pytorch_model.bin`, `*.pt`, ...), missing safetensors
+    weights or missing code files; Trainer's pickled state (`training_args.bin`, `optimizer.pt`, ...) is skipped.
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: save the model with `save_pretrained` first.")
+    pickles = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES))
+    unsafe = [name for name in pickles if not TRAINING_STATE.match(name)]
+    if unsafe:
+        raise UnsafePushError(
+            f"Refusing to push pickled files from {folder}: {', '.join(unsafe)}. hf_relpos publishes safetensors only "
+            "(pickles can run code when loaded). Re-save the model with `model.save_pretrained(folder)` (safetensors "
+            "is the default) and delete the pickled files, or push from a folder without them."
+        )
+    if pickles:
+        logger.info("Not pushing Trainer state (pickles): %s", ", ".join(pickles))
+    if (folder / SAFE_INDEX).is_file():
+        shards = sorted(set(json.loads((folder / SAFE_INDEX).read_text())["weight_map"].values()))
+        missing = [shard for shard in shards if not (folder / shard).is_file()]
+        if missing:
+            raise UnsafePushError(f"{folder}/{SAFE_INDEX} names shards that are not there: {', '.join(missing)}")
+        weights = [SAFE_INDEX, *shards]
+    elif (folder / SAFE_WEIGHTS).is_file():
+        weights = [SAFE_WEIGHTS]
+    else:
+        raise UnsafePushError(f"{folder} has no {SAFE_WEIGHTS} (or {SAFE_INDEX}): nothing to push.")
+    config = json.loads((folder / "config.json").read_text())
+    optional = [name for name in (*CONFIG_FILES, *TOKENIZER_FILES, CARD_FILE) if (folder / name).is_file()]
+    return sorted({*optional, *weights, *_code_files(folder, config)})
+
+
+def push_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    revision: str | None = None,
+    private: bool = False,
+    token: str | bool | None = None,
+    commit_message: str = "Upload relpos model with hf_relpos",
+    commit_description: str | None = None,
+    create_pr: bool = False,
+    overwrite_card: bool = False,
+    delete_stale: bool = True,
+    endpoint: str | None = None,
+    **card_kwargs,
+) -> CommitInfo:
+    """Upload the model saved in `folder` to the Hub repo `repo_id`: exactly the files `files_to_push` lists.
+
+    The card (`README.md`) is written first when the folder has none, or when `overwrite_card` is set (e.g. to
+    replace the generic card Trainer writes); `card_kwargs` go to `render_model_card` (`base_model`, `datasets`,
+    `dataset_name`, `license`, `language`). The repo is created when missing (`private` applies then), and the
+    branch `revision` when it does not exist yet. With `delete_stale`, weights and code files of an earlier push
+    that this folder does not have (old shards, pickles such as Trainer's `training_args.bin`) are deleted in the
+    same commit. Returns the `CommitInfo`;
+    `.oid` is the commit to pin in `from_pretrained(repo_id, revision=...)`.
+    """
+    folder = Path(folder)
+    files_to_push(folder)  # validate before anything is written or sent
+    api = HfApi(endpoint=endpoint, token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
+    if overwrite_card or not (folder / CARD_FILE).is_file():
+        write_model_card(folder, repo_id=card_kwargs.pop("repo_id", repo_id), **card_kwargs)
+    files = files_to_push(folder)
+    if revision is not None and revision != "main" and not create_pr and not revision.startswith("refs/"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    logger.info("Pushing to %s: %s", repo_id, ", ".join(files))
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        allow_patterns=[glob.escape(name) for name in files],
+        delete_patterns=STALE_PATTERNS if delete_stale else None,
+        revision=revision,
+        commit_message=commit_message,
+        commit_description=commit_description,
+        create_pr=create_pr,
+    )
+
+
+def push_model_card(
+    folder: str | Path,
+    repo_id: str,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    commit_message: str = "Add hf_relpos model card",
+    endpoint: str | None = None,
+    **card_kwargs,
+) -> CommitInfo:
+    """Render the card of the model saved in `folder` and upload it alone as `README.md` of `repo_id`.
+
+    For repos pushed with `model.push_to_hub` / `Trainer.push_to_hub`, whose card is transformers' generic one.
+    """
+    card = render_model_card(folder, repo_id=card_kwargs.pop("repo_id", repo_id), **card_kwargs)
+    return HfApi(endpoint=endpoint, token=token).upload_file(
+        path_or_fileobj=card.encode(), path_in_repo=CARD_FILE, repo_id=repo_id, revision=revision,
+        commit_message=commit_message,
+    )
