@@ -1,0 +1,108 @@
+"""The `hf-relpos` command.
+
+```
+hf-relpos convert SRC DST --position-embedding-type alibi [--task sequence-classification] [--num-labels 2]
+```
+
+Subcommands plug in through `SUBCOMMANDS`: a name -> function `(subparsers) -> None` that adds its parser and sets
+`func` (called with the parsed namespace, returns an exit code). Other modules add theirs with
+`register_subcommand(name, add_parser)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+
+SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
+
+
+def register_subcommand(name: str, add_parser: Callable[[argparse._SubParsersAction], None]) -> None:
+    """Add a subcommand: `add_parser(subparsers)` must create its parser and `set_defaults(func=...)`."""
+    SUBCOMMANDS[name] = add_parser
+
+
+def _add_encoding_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("encoding options (default: the config's defaults)")
+    group.add_argument("--max-relative-positions", type=int, help="relative_key(_query) clip k / deberta range")
+    group.add_argument("--position-buckets", type=int, help="deberta: log buckets per direction")
+    group.add_argument("--relative-attention-num-buckets", type=int, help="t5: number of buckets")
+    group.add_argument("--relative-attention-max-distance", type=int, help="t5: largest bucketed distance")
+    group.add_argument("--rope-parameters", type=json.loads, help='rope/xpos, JSON: \'{"rope_type": "default", '
+                       '"rope_theta": 10000.0}\'')
+    group.add_argument("--xpos-scale-base", type=int, help="xpos: decay length scale")
+    group.add_argument("--fire-mlp-width", type=int, help="fire: MLP hidden width")
+
+
+ENCODING_OPTIONS = (
+    "max_relative_positions", "position_buckets", "relative_attention_num_buckets", "relative_attention_max_distance",
+    "rope_parameters", "xpos_scale_base", "fire_mlp_width",
+)
+
+
+def _add_convert(subparsers: argparse._SubParsersAction) -> None:
+    from .convert import TASKS
+
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert a BERT/RoBERTa/MiniLM/GPT-2 checkpoint to another position encoding",
+        description="Load SRC (a local folder or Hub id) into a relpos model with the chosen position encoding and "
+        "save it to DST with its modelling code (trust_remote_code), tokenizer and conversion_report.json.",
+    )
+    parser.add_argument("source", metavar="SRC")
+    parser.add_argument("destination", metavar="DST")
+    parser.add_argument("--position-embedding-type", required=True, help="absolute, alibi, rope, t5, ...")
+    parser.add_argument("--task", choices=sorted(TASKS), help="the head (default: the source's architecture)")
+    parser.add_argument("--num-labels", type=int, help="classification heads: number of labels")
+    parser.add_argument("--revision")
+    parser.add_argument("--no-tokenizer", action="store_true", help="do not copy the tokenizer")
+    _add_encoding_options(parser)
+    parser.set_defaults(func=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_checkpoint
+    from .encodings import POSITION_ENCODINGS
+
+    if args.position_embedding_type not in POSITION_ENCODINGS:
+        print(f"error: unknown --position-embedding-type {args.position_embedding_type!r}; choose one of "
+              f"{sorted(POSITION_ENCODINGS)}", file=sys.stderr)
+        return 2
+    options = {name: getattr(args, name) for name in ENCODING_OPTIONS if getattr(args, name) is not None}
+    if args.num_labels is not None:
+        options["num_labels"] = args.num_labels
+    if args.revision is not None:
+        options["revision"] = args.revision
+    model, report = convert_checkpoint(
+        args.source, args.destination, args.position_embedding_type, args.task,
+        copy_tokenizer=not args.no_tokenizer, **options,
+    )
+    if report.is_lossless:  # otherwise the report was already logged as a warning
+        print(report)
+    print(f"Saved {type(model).__name__} to {args.destination}")
+    return 0
+
+
+register_subcommand("convert", _add_convert)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-relpos", description="Position encodings for BERT/GPT-style transformers models."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add_parser in SUBCOMMANDS.values():
+        add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

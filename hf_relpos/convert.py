@@ -1,0 +1,451 @@
+"""Load absolute-position checkpoints (BERT, RoBERTa, MiniLM, GPT-2) into relpos models.
+
+```python
+>>> from hf_relpos import RelPosBertForSequenceClassification
+>>> from hf_relpos.convert import load_converted
+>>> model = load_converted(RelPosBertForSequenceClassification, "path/to/bert", "alibi", num_labels=2)
+>>> print(model.conversion_report)          # what was kept, dropped and added
+>>> model.save_pretrained("bert-alibi")     # native relpos names, modelling code, full auto_map
+```
+
+The relpos encoder keeps BERT's module names and the decoder GPT-2's, so for BERT and MiniLM checkpoints a plain
+`RelPosBertForSequenceClassification.from_pretrained(bert_dir, position_embedding_type="alibi")` loads too.
+`load_converted` adds what a plain `from_pretrained` cannot know:
+
+- the source config becomes a `RelPosBertConfig` / `RelPosGPTConfig` (`model_type` `relpos_*`, the family's full
+  `auto_map`), with the encoding options you pass;
+- RoBERTa-style checkpoints: `roberta.*` -> `bert.*`, `lm_head.*` -> `cls.predictions.*`, and the learned table
+  keeps its size (514) with `position_offset = pad_token_id + 1`;
+- checkpoints without token type embeddings get `type_vocab_size = 0`;
+- a single report (`ConversionReport`, logged once as a warning and attached as `model.conversion_report`) lists
+  the position weights dropped, the position parameters added (initialised as their paper does), the head weights
+  newly initialised, and the checkpoint entries left unused;
+- the renaming is not reverted on `save_pretrained`: the converted checkpoint saves under relpos names and reloads
+  under its own class with no missing or unexpected keys.
+
+With `position_embedding_type="absolute"` the converted model is numerically the original.
+
+This module sits on top of the library: the modelling and configuration files never import it, so checkpoints
+loaded with `trust_remote_code=True` do not need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
+from transformers.utils import logging
+
+from .configuration_relpos import RelPosBertConfig, RelPosGPTConfig
+
+
+logger = logging.get_logger(__name__)
+
+BERT_MODEL_TYPES = {"bert", "relpos_bert"}
+ROBERTA_MODEL_TYPES = {"roberta", "xlm-roberta", "camembert"}
+GPT_MODEL_TYPES = {"gpt2", "relpos_gpt"}
+RELPOS_MODEL_TYPES = {"relpos_bert", "relpos_gpt"}
+
+# RoBERTa's module names -> BERT's (the relpos encoder's). Applied at load time only: never reverted on save.
+ROBERTA_KEY_MAPPING = {
+    r"^roberta\.": "bert.",
+    r"^lm_head\.dense\.": "cls.predictions.transform.dense.",
+    r"^lm_head\.layer_norm\.": "cls.predictions.transform.LayerNorm.",
+    r"^lm_head\.decoder\.": "cls.predictions.decoder.",
+    r"^lm_head\.bias$": "cls.predictions.bias",
+}
+
+# Where the position encoding lives in each layout (BERT: embeddings.position_embeddings, GPT-2: wpe).
+POSITION_KEY = re.compile(r"(^|\.)(embeddings\.position_embeddings|wpe)\.")
+# Buffers some checkpoints carry that the relpos models recompute (never weights).
+BUFFER_KEY = re.compile(r"(^|\.)(position_ids|token_type_ids|attn\.bias|attn\.masked_bias)$")
+
+# Config entries that describe the source class rather than the network.
+_SOURCE_ONLY_FIELDS = (
+    "model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "position_embedding_type",
+)
+
+# Task name (CLI) -> class name per family; `None`: that family has no such head.
+TASKS: dict[str, dict[str, str | None]] = {
+    "base": {"bert": "RelPosBertModel", "gpt": "RelPosGPTModel"},
+    "masked-lm": {"bert": "RelPosBertForMaskedLM", "gpt": None},
+    "causal-lm": {"bert": None, "gpt": "RelPosGPTForCausalLM"},
+    "sequence-classification": {
+        "bert": "RelPosBertForSequenceClassification", "gpt": "RelPosGPTForSequenceClassification",
+    },
+    "token-classification": {"bert": "RelPosBertForTokenClassification", "gpt": None},
+    "question-answering": {"bert": "RelPosBertForQuestionAnswering", "gpt": None},
+    "multiple-choice": {"bert": "RelPosBertForMultipleChoice", "gpt": None},
+}
+_ARCHITECTURE_SUFFIX_TO_TASK = {
+    "ForMaskedLM": "masked-lm",
+    "LMHeadModel": "causal-lm",
+    "ForCausalLM": "causal-lm",
+    "ForSequenceClassification": "sequence-classification",
+    "ForTokenClassification": "token-classification",
+    "ForQuestionAnswering": "question-answering",
+    "ForMultipleChoice": "multiple-choice",
+}
+_MODULE_OF_FAMILY = {"bert": "modeling_relpos_bert", "gpt": "modeling_relpos_gpt"}
+
+
+@dataclass
+class ConversionReport:
+    """What `load_converted` did to a checkpoint. `str(report)` is the text that is logged."""
+
+    source: str
+    source_model_type: str
+    model_class: str
+    position_embedding_type: str
+    key_mapping: dict[str, str] = field(default_factory=dict)
+    config_changes: dict[str, Any] = field(default_factory=dict)
+    dropped_position_weights: list[str] = field(default_factory=list)
+    added_position_weights: list[str] = field(default_factory=list)
+    newly_initialized: list[str] = field(default_factory=list)
+    unused_checkpoint_weights: list[str] = field(default_factory=list)
+    ignored_buffers: list[str] = field(default_factory=list)
+
+    @property
+    def is_lossless(self) -> bool:
+        """True when every checkpoint weight was loaded and nothing was initialised anew."""
+        return not (self.dropped_position_weights or self.added_position_weights or self.newly_initialized
+                    or self.unused_checkpoint_weights)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = [
+            f"Converted {self.source!r} ({self.source_model_type}) into {self.model_class} with "
+            f"position_embedding_type={self.position_embedding_type!r}."
+        ]
+        if self.key_mapping:
+            lines.append("  renamed: " + ", ".join(f"{k} -> {v}" for k, v in self.key_mapping.items()))
+        if self.config_changes:
+            lines.append("  config: " + ", ".join(f"{k}={v!r}" for k, v in self.config_changes.items()))
+        sections = (
+            ("dropped (absolute position table, unused by the new encoding)", self.dropped_position_weights),
+            ("added (new position parameters, initialised as in the encoding's paper)", self.added_position_weights),
+            ("newly initialised (not in the checkpoint: train them)", self.newly_initialized),
+            ("unused checkpoint weights (the source's head, not part of this class)", self.unused_checkpoint_weights),
+        )
+        for title, keys in sections:
+            if keys:
+                lines.append(f"  {title}: " + ", ".join(keys))
+        if self.ignored_buffers:
+            lines.append(f"  ignored buffers (recomputed by the model): {len(self.ignored_buffers)}")
+        if self.is_lossless:
+            lines.append("  every checkpoint weight was loaded; nothing was dropped or added.")
+        return "\n".join(lines)
+
+
+def model_family(config_or_model_type: PreTrainedConfig | str) -> str:
+    """`"bert"` (BERT, RoBERTa, MiniLM, relpos_bert) or `"gpt"` (GPT-2, relpos_gpt); ValueError otherwise."""
+    model_type = getattr(config_or_model_type, "model_type", config_or_model_type)
+    if model_type in BERT_MODEL_TYPES | ROBERTA_MODEL_TYPES:
+        return "bert"
+    if model_type in GPT_MODEL_TYPES:
+        return "gpt"
+    raise ValueError(
+        f"Cannot convert a checkpoint of model_type {model_type!r}: supported are "
+        f"{sorted(BERT_MODEL_TYPES | ROBERTA_MODEL_TYPES | GPT_MODEL_TYPES)}."
+    )
+
+
+def _family_of_class(model_class: type[PreTrainedModel]) -> str:
+    config_class = getattr(model_class, "config_class", None)
+    if config_class is not None and issubclass(config_class, RelPosBertConfig):
+        return "bert"
+    if config_class is not None and issubclass(config_class, RelPosGPTConfig):
+        return "gpt"
+    raise TypeError(f"{model_class!r} is not a relpos model class (RelPosBert* or RelPosGPT*).")
+
+
+def get_model_class(task: str, family: str) -> type[PreTrainedModel]:
+    """The relpos class that serves `task` (a key of `TASKS`) for `family` (`"bert"` or `"gpt"`)."""
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; choose one of {sorted(TASKS)}.")
+    class_name = TASKS[task][family]
+    if class_name is None:
+        served = [name for name, classes in TASKS.items() if classes[family]]
+        raise ValueError(f"The {family} family has no {task!r} head; it serves {served}.")
+    module_name = f"{__package__}.{_MODULE_OF_FAMILY[family]}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        raise ImportError(
+            f"{class_name} needs {module_name}, which is not available in this installation ({error})."
+        ) from error
+    return getattr(module, class_name)
+
+
+def infer_task(config: PreTrainedConfig) -> str:
+    """The task of a checkpoint from its `architectures` (`base` for a bare `BertModel`/`GPT2Model`)."""
+    for architecture in config.architectures or ():
+        for suffix, task in _ARCHITECTURE_SUFFIX_TO_TASK.items():
+            if architecture.endswith(suffix):
+                return task
+    return "base"
+
+
+def convert_config(
+    source_config: PreTrainedConfig, position_embedding_type: str | None = None, **overrides
+) -> RelPosBertConfig | RelPosGPTConfig:
+    """A `RelPosBertConfig` / `RelPosGPTConfig` for `source_config` (BERT, RoBERTa, MiniLM or GPT-2).
+
+    Every network field is kept; `position_embedding_type` (default: the source's, i.e. `absolute`) and
+    `overrides` (encoding options such as `max_relative_positions`, or `num_labels`) are applied on top. A
+    RoBERTa-style source gets `position_offset = pad_token_id + 1` so that its table of `max_position_embeddings`
+    (514) rows is read where RoBERTa reads it.
+    """
+    model_type = source_config.model_type
+    family = model_family(model_type)
+    if model_type in RELPOS_MODEL_TYPES:
+        values = source_config.to_dict()
+        for name in ("model_type", "transformers_version", "auto_map", "architectures"):
+            values.pop(name, None)
+    else:
+        source_position_type = getattr(source_config, "position_embedding_type", "absolute") or "absolute"
+        if source_position_type != "absolute":
+            raise NotImplementedError(
+                f"The source checkpoint uses position_embedding_type={source_position_type!r}; only absolute-position "
+                "checkpoints can be converted."
+            )
+        values = {key: value for key, value in source_config.to_dict().items() if key not in _SOURCE_ONLY_FIELDS}
+        if model_type in ROBERTA_MODEL_TYPES:
+            pad_token_id = source_config.pad_token_id if source_config.pad_token_id is not None else 1
+            values["position_offset"] = pad_token_id + 1
+    if "num_labels" in overrides and "id2label" not in overrides:
+        values.pop("id2label", None)
+        values.pop("label2id", None)
+    if position_embedding_type is not None:
+        values["position_embedding_type"] = position_embedding_type
+    values.update(overrides)
+    config_class = RelPosBertConfig if family == "bert" else RelPosGPTConfig
+    return config_class(**values)
+
+
+def _checkpoint_keys(source: str, **hub_kwargs) -> set[str] | None:
+    """The tensor names in a checkpoint (local folder or Hub id), read from the file headers only."""
+    from transformers.utils import cached_file
+
+    def resolve(filename):
+        if os.path.isdir(source):
+            path = os.path.join(source, filename)
+            return path if os.path.isfile(path) else None
+        with contextlib.suppress(Exception):
+            return cached_file(source, filename, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        return None
+
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = resolve(index_name)
+        if index:
+            with open(index) as handle:
+                return set(json.load(handle)["weight_map"])
+    path = resolve("model.safetensors")
+    if path:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as handle:
+            return set(handle.keys())
+    path = resolve("pytorch_model.bin")
+    if path:
+        import torch
+
+        return set(torch.load(path, map_location="meta", weights_only=True, mmap=True))
+    return None
+
+
+class _DropLoadReport:
+    """A logging filter that drops transformers' own key table (`... LOAD REPORT from: ...`)."""
+
+    def filter(self, record) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_transformers_load_report():
+    """`from_pretrained` logs its own key table; `load_converted` replaces it with one `ConversionReport`."""
+    transformers_logger = logging.get_logger("transformers.modeling_utils")
+    report_filter = _DropLoadReport()
+    transformers_logger.addFilter(report_filter)
+    try:
+        yield
+    finally:
+        transformers_logger.removeFilter(report_filter)
+
+
+def load_converted(
+    model_class: type[PreTrainedModel] | str,
+    source: str | os.PathLike,
+    position_embedding_type: str | None = None,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    dtype: Any = "auto",
+    attn_implementation: str | None = None,
+    **config_overrides,
+) -> PreTrainedModel:
+    """Load the checkpoint `source` (local folder or Hub id) into `model_class` with another position encoding.
+
+    Args:
+        model_class: a relpos class (`RelPosBertForSequenceClassification`, `RelPosGPTForCausalLM`, ...) or a task
+            name from `TASKS` (`"sequence-classification"`, `"causal-lm"`, ...; the family follows the source).
+        source: a BERT / RoBERTa / MiniLM (BERT layout) / GPT-2 checkpoint, with or without its base-model prefix
+            (a bare `BertModel` or `GPT2Model` loads into any head), or a relpos checkpoint.
+        position_embedding_type: the new encoding (default: keep the source's, `absolute`).
+        config_overrides: encoding options (`max_relative_positions`, `rope_parameters`, ...) and any other config
+            field (`num_labels`, `id2label`, `classifier_dropout`, ...).
+
+    Returns:
+        The model, in eval mode, with `model.conversion_report` (a `ConversionReport`, also logged once).
+    """
+    source = os.fspath(source)
+    hub_kwargs = {"revision": revision, "cache_dir": cache_dir, "token": token, "local_files_only": local_files_only}
+    source_config = AutoConfig.from_pretrained(source, **hub_kwargs)
+    family = model_family(source_config)
+    if isinstance(model_class, str):
+        model_class = get_model_class(model_class, family)
+    if _family_of_class(model_class) != family:
+        raise ValueError(
+            f"{model_class.__name__} cannot load a {source_config.model_type!r} checkpoint: use a "
+            f"{'RelPosBert' if family == 'bert' else 'RelPosGPT'}* class."
+        )
+
+    config = convert_config(source_config, position_embedding_type, **config_overrides)
+    checkpoint_keys = _checkpoint_keys(source, **hub_kwargs)
+    key_mapping = dict(ROBERTA_KEY_MAPPING) if source_config.model_type in ROBERTA_MODEL_TYPES else {}
+    if (
+        family == "bert"
+        and checkpoint_keys is not None
+        and getattr(config, "type_vocab_size", 0) > 0
+        and not any(key.endswith("embeddings.token_type_embeddings.weight") for key in checkpoint_keys)
+    ):
+        # A checkpoint without token types: adding a random table would change every output.
+        config.type_vocab_size = 0
+
+    load_kwargs = {"config": config, "dtype": dtype, "output_loading_info": True, **hub_kwargs}
+    if key_mapping:
+        load_kwargs["key_mapping"] = key_mapping
+    if attn_implementation is not None:
+        load_kwargs["attn_implementation"] = attn_implementation
+    with _quiet_transformers_load_report():
+        model, loading_info = model_class.from_pretrained(source, **load_kwargs)
+    # Save under the relpos names: do not let save_pretrained revert the RoBERTa renaming.
+    model._weight_conversions = []
+
+    report = _build_report(source, source_config, model, config, key_mapping, loading_info)
+    model.conversion_report = report
+    if report.is_lossless:
+        logger.info(str(report))
+    else:
+        logger.warning(str(report))
+    return model
+
+
+def _build_report(source, source_config, model, config, key_mapping, loading_info) -> ConversionReport:
+    changes = {}
+    if source_config.model_type not in RELPOS_MODEL_TYPES:
+        changes["model_type"] = f"{source_config.model_type} -> {config.model_type}"
+    for name in ("position_embedding_type", "position_offset", "type_vocab_size"):
+        before = getattr(source_config, name, None) if name != "position_offset" else 0
+        before = "absolute" if name == "position_embedding_type" and before is None else before
+        after = getattr(config, name, None)
+        if name == "position_offset" and after == 0:
+            continue
+        if before != after and after is not None:
+            changes[name] = f"{before} -> {after}"
+    report = ConversionReport(
+        source=source,
+        source_model_type=source_config.model_type,
+        model_class=type(model).__name__,
+        position_embedding_type=config.position_embedding_type,
+        key_mapping=key_mapping,
+        config_changes=changes,
+    )
+    for key in sorted(loading_info["unexpected_keys"]):
+        if BUFFER_KEY.search(key):
+            report.ignored_buffers.append(key)
+        elif POSITION_KEY.search(key):
+            report.dropped_position_weights.append(key)
+        else:
+            report.unused_checkpoint_weights.append(key)
+    for key in sorted(loading_info["missing_keys"]):
+        if POSITION_KEY.search(key) and config.position_embedding_type != "absolute":
+            report.added_position_weights.append(key)
+        else:
+            report.newly_initialized.append(key)
+    for key in loading_info.get("mismatched_keys") or ():
+        report.newly_initialized.append(str(key))
+    return report
+
+
+def convert_checkpoint(
+    source: str | os.PathLike,
+    save_directory: str | os.PathLike,
+    position_embedding_type: str | None = None,
+    task: str | None = None,
+    *,
+    copy_tokenizer: bool = True,
+    **kwargs,
+) -> tuple[PreTrainedModel, ConversionReport]:
+    """Convert `source` and save it to `save_directory` with its modelling code, full `auto_map`, tokenizer and
+    `conversion_report.json`. `task` picks the head (default: the source's, from its `architectures`);
+    `kwargs` go to `load_converted`. Returns the model and its report."""
+    source = os.fspath(source)
+    save_directory = os.fspath(save_directory)
+    hub_keys = ("revision", "cache_dir", "token", "local_files_only")
+    hub_kwargs = {key: kwargs[key] for key in hub_keys if key in kwargs}
+    if task is None:
+        task = infer_task(AutoConfig.from_pretrained(source, **hub_kwargs))
+    model = load_converted(task, source, position_embedding_type, **kwargs)
+    report = model.conversion_report
+    os.makedirs(save_directory, exist_ok=True)
+    model.save_pretrained(save_directory)
+    with open(os.path.join(save_directory, "conversion_report.json"), "w") as handle:
+        json.dump(report.to_dict(), handle, indent=2)
+    if copy_tokenizer:
+        _copy_tokenizer(source, save_directory, hub_kwargs)
+    return model, report
+
+
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
+    "added_tokens.json", "sentencepiece.bpe.model", "spiece.model",
+)
+
+
+def _copy_tokenizer(source: str, save_directory: str, hub_kwargs: dict) -> None:
+    if os.path.isdir(source):
+        for name in _TOKENIZER_FILES:
+            path = os.path.join(source, name)
+            if os.path.isfile(path):
+                shutil.copy2(path, os.path.join(save_directory, name))
+        return
+    try:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(source, **hub_kwargs).save_pretrained(save_directory)
+    except Exception as error:  # a checkpoint without a tokenizer is still a checkpoint
+        logger.warning(f"No tokenizer copied from {source!r}: {error}")
+
+
+__all__ = [
+    "ConversionReport",
+    "TASKS",
+    "convert_checkpoint",
+    "convert_config",
+    "get_model_class",
+    "infer_task",
+    "load_converted",
+    "model_family",
+]
