@@ -97,7 +97,7 @@ sys.modules["hf_relpos"] = None  # hf_relpos must not be importable: the checkpo
 import json, torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 model = AutoModelForSequenceClassification.from_pretrained(".", trust_remote_code=True).eval()
-tokenizer = AutoTokenizer.from_pretrained(".")
+tokenizer = AutoTokenizer.from_pretrained(".", trust_remote_code=True)
 texts = json.load(open(sys.argv[1]))
 logits = []
 with torch.no_grad():
