@@ -89,6 +89,79 @@ def _run_convert(args: argparse.Namespace) -> int:
 register_subcommand("convert", _add_convert)
 
 
+def _add_card_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model card")
+    group.add_argument("--base-model", help="the checkpoint it was converted from")
+    group.add_argument("--dataset", dest="datasets", action="append", help="a training dataset (repeatable)")
+    group.add_argument("--dataset-name", help="the evaluation dataset's display name")
+    group.add_argument("--license", default="apache-2.0")
+    group.add_argument("--language", default="en")
+
+
+def _card_options(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in ("base_model", "datasets", "dataset_name", "license", "language")}
+
+
+def _add_card(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "card", help="write DIR/README.md, the model card of a saved relpos model",
+        description="Render the model card (Hub metadata + text) from DIR/config.json and any trainer_state.json, "
+        "all_results.json or eval_results.json beside it.",
+    )
+    parser.add_argument("folder", metavar="DIR")
+    parser.add_argument("--repo-id", help="the name shown in the card (default: the folder name)")
+    _add_card_options(parser)
+    parser.set_defaults(func=_run_card)
+
+
+def _run_card(args: argparse.Namespace) -> int:
+    from .hub import write_model_card
+
+    print(f"Wrote {write_model_card(args.folder, repo_id=args.repo_id, **_card_options(args))}")
+    return 0
+
+
+def _add_push(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "push", help="upload a saved relpos model (safetensors, code, tokenizer, card) to the Hub",
+        description="Upload exactly the files loading needs; refuses pickled weights. Honours HF_ENDPOINT/HF_TOKEN.",
+    )
+    parser.add_argument("folder", metavar="DIR")
+    parser.add_argument("repo_id", metavar="REPO_ID")
+    parser.add_argument("--revision")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--token")
+    parser.add_argument("--commit-message", default="Upload relpos model with hf_relpos")
+    parser.add_argument("--create-pr", action="store_true")
+    parser.add_argument("--overwrite-card", action="store_true")
+    parser.add_argument("--dry-run", action="store_true", help="list the files that would be uploaded")
+    _add_card_options(parser)
+    parser.set_defaults(func=_run_push)
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from .hub import UnsafePushError, files_to_push, push_to_hub
+
+    try:
+        if args.dry_run:
+            print("\n".join(files_to_push(args.folder)))
+            return 0
+        info = push_to_hub(
+            args.folder, args.repo_id, revision=args.revision, private=args.private, token=args.token,
+            commit_message=args.commit_message, create_pr=args.create_pr, overwrite_card=args.overwrite_card,
+            **_card_options(args),
+        )
+    except (UnsafePushError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"Pushed {args.folder} to {args.repo_id} at commit {info.oid}")
+    return 0
+
+
+register_subcommand("card", _add_card)
+register_subcommand("push", _add_push)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-relpos", description="Position encodings for BERT/GPT-style transformers models."

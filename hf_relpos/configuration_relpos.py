@@ -131,6 +131,15 @@ class RelPosBertConfig(RelPosPretrainedConfig):
     eos_token_id: int | list[int] | None = None
     tie_word_embeddings: bool = True
 
+    # RoBERTa-family configs count positions from `pad_token_id + 1` in the same learned table.
+    offset_model_types: ClassVar[tuple[str, ...]] = ("roberta", "xlm-roberta", "camembert")
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        if config_dict.get("model_type") in cls.offset_model_types and "position_offset" not in config_dict:
+            config_dict = {**config_dict, "position_offset": config_dict.get("pad_token_id", 1) + 1}
+        return super().from_dict(config_dict, **kwargs)
+
     def validate_position_encoding(self) -> None:
         if self.is_decoder or self.add_cross_attention:
             raise ValueError(
@@ -186,9 +195,11 @@ class RelPosGPTConfig(RelPosPretrainedConfig):
     bos_token_id: int | None = 50256
     eos_token_id: int | list[int] | None = 50256
     pad_token_id: int | None = None
+    is_decoder: bool = True
     add_cross_attention: bool = False
     tie_word_embeddings: bool = True
 
-    @property
-    def is_causal_model(self) -> bool:
-        return True
+    def validate_position_encoding(self) -> None:
+        if not self.is_decoder:
+            raise ValueError("RelPosGPTConfig is a causal decoder: is_decoder must be True; use RelPosBertConfig.")
+        super().validate_position_encoding()
