@@ -124,6 +124,20 @@ def test_roberta_absolute_parity(tmp_path, with_head):
         assert (expected.pooler_output - got.pooler_output).abs().max().item() <= TOL
 
 
+def test_plain_from_pretrained_reads_a_roberta_config_with_its_position_offset(tmp_path):
+    torch.manual_seed(0)
+    config = tiny(RobertaConfig, max_position_embeddings=42, type_vocab_size=1, pad_token_id=1)
+    reference = RobertaModel(config).eval()
+    reference.save_pretrained(tmp_path)
+    model = RelPosBertModel.from_pretrained(tmp_path).eval()
+    assert model.config.position_offset == 2
+    input_ids, mask = padded_batch(99, 1, lengths=(40, 9, 4))
+    with torch.no_grad():
+        expected = reference(input_ids, attention_mask=mask).last_hidden_state
+        got = model(input_ids, attention_mask=mask).last_hidden_state
+    assert max_diff_on_tokens(expected, got, mask) <= TOL
+
+
 def test_token_type_less_checkpoint(tmp_path):
     """A checkpoint without token type embeddings gets type_vocab_size=0, not a random table."""
     torch.manual_seed(0)
