@@ -27,7 +27,7 @@ from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .attention import attention_forward, resolve_kernel, token_positions
+from .attention import attention_forward, check_attention_mask, resolve_kernel, token_positions
 from .configuration_relpos import RelPosGPTConfig
 from .encodings import PositionEncoding, PositionState, build_position_encoding, get_encoding_class
 
@@ -238,11 +238,7 @@ class RelPosGPTModel(RelPosGPTPreTrainedModel):
         if past_key_values is not None:
             past_length = past_key_values.get_seq_length()
             key_length, _ = past_key_values.get_mask_sizes(length, 0)
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] < past_length + length:
-            raise ValueError(
-                f"attention_mask covers {attention_mask.shape[-1]} tokens but the cache holds {past_length} and the "
-                f"input adds {length}: pass the mask of the whole sequence, [batch, past + len]."
-            )
+        check_attention_mask(attention_mask, batch_size, length, past_length, key_length)
         query_positions, key_positions = token_positions(
             attention_mask, position_ids, batch_size, length, past_length, key_length, inputs_embeds.device
         )
