@@ -57,6 +57,26 @@ def token_positions(
     return query_positions, key_positions
 
 
+def check_attention_mask(
+    attention_mask: torch.Tensor | None, batch_size: int, query_length: int, past_length: int, key_length: int
+) -> None:
+    """Raise `ValueError` unless `attention_mask` is `[batch, past + len]` (1 = token, 0 = padding) or a prepared 4D
+    mask `[batch, 1, q_len, k_len]`."""
+    if attention_mask is None:
+        return
+    shape = tuple(attention_mask.shape)
+    expected = (batch_size, past_length + query_length)
+    if attention_mask.dim() == 2 and shape == expected:
+        return
+    if attention_mask.dim() == 4 and shape[0] in (1, batch_size) and shape[2:] == (query_length, key_length):
+        return
+    raise ValueError(
+        f"attention_mask has shape {shape}; expected [batch, len] = {expected}: attention_mask covers "
+        f"{shape[-1]} tokens but the cache holds {past_length} and the input adds {query_length} (or pass a "
+        f"prepared 4D mask [batch, 1, {query_length}, {key_length}])."
+    )
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,

@@ -7,8 +7,12 @@ fails with a `ValueError` naming the field before any model exists.
 from typing import ClassVar
 
 from transformers import PreTrainedConfig
+from transformers.utils import logging
 
 from .encodings import get_encoding_class
+
+
+logger = logging.get_logger(__name__)
 
 
 def _check_positive(config, *names: str, allow_zero: bool = False) -> None:
@@ -59,6 +63,18 @@ class RelPosPretrainedConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.auto_map = dict(self.family_auto_map)
         self.validate_position_encoding()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        saved = config_dict.get("position_embedding_type", "absolute")
+        requested = kwargs.get("position_embedding_type", saved)
+        if config_dict.get("model_type") == cls.model_type and requested != saved:
+            # Parameter-free encodings leave no missing or unexpected key behind to report the switch.
+            logger.warning(
+                f"This checkpoint was trained with position_embedding_type={saved!r} and is loaded as {requested!r}: "
+                "its outputs will differ until it is fine-tuned with the new encoding."
+            )
+        return super().from_dict(config_dict, **kwargs)
 
     @property
     def is_causal_model(self) -> bool:

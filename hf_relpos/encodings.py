@@ -134,6 +134,10 @@ class AbsolutePositionEncoding(PositionEncoding):
 
     def embed(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         positions = position_ids + self.offset
+        if positions.numel() and int(positions.min()) < 0:
+            raise ValueError(
+                f"position_ids must be >= 0 for position_embedding_type='absolute', got {int(position_ids.min())}."
+            )
         last = int(positions.max()) if positions.numel() else 0
         if last >= self.weight.shape[0]:
             raise ValueError(
@@ -231,6 +235,14 @@ class RotaryPositionEncoding(PositionEncoding):
         allowed = ["default", *ROPE_INIT_FUNCTIONS]
         if rope_type not in allowed:
             raise ValueError(f"rope_parameters['rope_type']={rope_type!r} is not one of {allowed}.")
+        for key in ("rope_theta", "factor"):
+            value = rope_parameters.get(key)
+            if value is not None and not value > 0:
+                raise ValueError(f"rope_parameters[{key!r}] must be > 0, got {value}.")
+        try:
+            config.validate_rope()
+        except KeyError as error:
+            raise ValueError(f"rope_parameters for rope_type={rope_type!r}: {error.args[0]}") from None
         head_dim = config.hidden_size // config.num_attention_heads
         factor = rope_parameters.get("partial_rotary_factor", 1.0)
         if not 0.0 < factor <= 1.0:
@@ -484,15 +496,19 @@ class FireEncoding(StaticBiasEncoding):
         return torch.log1p(c * distance) / torch.log1p(c * reference)
 
     def position_bias(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
-        x = self.normalized_distance(query_positions, key_positions)
-        return self.mlp(x[..., None]).movedim(-1, 1)
+        # The MLP runs in fp32 whatever the model's dtype: its input is a ratio of logarithms.
+        x = self.normalized_distance(query_positions, key_positions)[..., None]
+        first, last = self.mlp[0], self.mlp[2]
+        hidden = torch.relu(nn.functional.linear(x, first.weight.float(), first.bias.float()))
+        return nn.functional.linear(hidden, last.weight.float(), last.bias.float()).movedim(-1, 1)
 
     def head_bias(self, query_position, key_position, head, tables):
         x = self.normalized_distance(query_position, key_position)
         first, last = self.mlp[0], self.mlp[2]
-        out = last.bias[head]
+        out = last.bias.float()[head]
         for unit in range(first.out_features):
-            out = out + torch.relu(x * first.weight[unit, 0] + first.bias[unit]) * last.weight[head, unit]
+            hidden = torch.relu(x * first.weight[unit, 0].float() + first.bias[unit].float())
+            out = out + hidden * last.weight.float()[head, unit]
         return out
 
     def init_weights(self, config) -> None:

@@ -31,7 +31,7 @@ from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .attention import attention_forward, resolve_kernel, token_positions
+from .attention import attention_forward, check_attention_mask, resolve_kernel, token_positions
 from .configuration_relpos import RelPosBertConfig
 from .encodings import PositionEncoding, PositionState, build_position_encoding, get_encoding_class
 
@@ -199,16 +199,10 @@ class RelPosBertModel(RelPosBertPreTrainedModel):
         on either side leaves every real token's output unchanged."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape != (
-            input_ids if input_ids is not None else inputs_embeds[..., 0]
-        ).shape:
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}; expected [batch, len] = "
-                f"{tuple((input_ids if input_ids is not None else inputs_embeds[..., 0]).shape)}."
-            )
         if inputs_embeds is None:
             inputs_embeds = self.embeddings.word_embeddings(input_ids)
         batch_size, length = inputs_embeds.shape[:2]
+        check_attention_mask(attention_mask, batch_size, length, 0, length)
         query_positions, key_positions = token_positions(
             attention_mask, position_ids, batch_size, length, 0, length, inputs_embeds.device
         )

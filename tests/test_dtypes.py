@@ -13,10 +13,6 @@ from hf_relpos import POSITION_ENCODINGS, RelPosBertConfig, RelPosBertModel, Rel
 
 ENCODER_ENCODINGS = [name for name, cls in POSITION_ENCODINGS.items() if not cls.decoder_only]
 DECODER_ENCODINGS = list(POSITION_ENCODINGS)
-FIRE_BUG = ("bug: FireEncoding.position_bias (encodings.py) feeds the fp32 normalised distance to an MLP whose "
-            "weights are in the model dtype: 'mat1 and mat2 must have the same dtype' under fp16/bf16")
-
-
 def bert(name: str, **overrides) -> RelPosBertModel:
     fields = dict(
         position_embedding_type=name, vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -49,10 +45,6 @@ def batch(decoder: bool):
     return ids, mask
 
 
-def fire_xfail(name):
-    return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=FIRE_BUG)) if name == "fire" else name
-
-
 def check_forward_backward(model, ids, mask, output):
     model.train()
     out = output(model(ids, attention_mask=mask))
@@ -65,7 +57,7 @@ def check_forward_backward(model, ids, mask, output):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("name", [fire_xfail(n) for n in ENCODER_ENCODINGS])
+@pytest.mark.parametrize("name", ENCODER_ENCODINGS)
 def test_encoder_half_precision_forward_backward(name, dtype):
     model = bert(name).to(dtype)
     model.set_attn_implementation("sdpa")
@@ -73,7 +65,7 @@ def test_encoder_half_precision_forward_backward(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("name", [fire_xfail(n) for n in DECODER_ENCODINGS])
+@pytest.mark.parametrize("name", DECODER_ENCODINGS)
 def test_decoder_half_precision_forward_backward(name, dtype):
     model = gpt(name).to(dtype)
     model.set_attn_implementation("sdpa")
@@ -113,7 +105,7 @@ def test_encoder_long_bias_distances_in_bf16(name):
     assert_close_to_fp32(bert, name, FAR, lambda o: o.last_hidden_state, max_position_embeddings=8192)
 
 
-@pytest.mark.parametrize("name", ["alibi", "kerple", "t5", fire_xfail("fire")])
+@pytest.mark.parametrize("name", ["alibi", "kerple", "t5", "fire"])
 def test_decoder_long_bias_distances_in_bf16(name):
     # Logits of a tiny model are small: compare them at the model's own scale.
     assert_close_to_fp32(gpt, name, FAR, lambda o: o.logits, n_positions=8192)
