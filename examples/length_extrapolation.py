@@ -13,7 +13,7 @@ instead. Tokenizer: bytes (UTF-8, vocabulary 256), no training, no download; run
 reference's indented code does not dominate. The last `--eval_fraction` of the text is held out for evaluation.
 
 Default size (n_embd 64, 2 layers, 4 heads, train length 64, 400 steps of 32 sequences) runs all 12 encodings,
-both tasks, in a few minutes on 2 CPU cores:
+both tasks, in about 7 minutes of CPU time (one thread; 14 min wall on a busy shared 2-core machine):
 
     python examples/length_extrapolation.py --output_dir extrapolation_results
 
