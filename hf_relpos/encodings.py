@@ -152,7 +152,9 @@ class AbsolutePositionEncoding(PositionEncoding):
 
 
 class SinusoidalPositionEncoding(PositionEncoding):
-    """Fixed sinusoids (Vaswani et al. 2017): `P[i, 2m] = sin(i / 10000^(2m/d))`, `P[i, 2m+1] = cos(...)`."""
+    """Fixed sinusoids (Vaswani et al. 2017): `h_i = x_i + P[i] / sqrt(d)`, `P[i, 2m] = sin(i / 10000^(2m/d))`,
+    `P[i, 2m+1] = cos(...)`. The paper's `sqrt(d) x_i + P[i]` up to a global factor: the table meets the token
+    embeddings at their scale, so a pretrained (or freshly initialised) embedding table is not drowned out."""
 
     name = "sinusoidal"
 
@@ -168,7 +170,7 @@ class SinusoidalPositionEncoding(PositionEncoding):
         dim = inputs_embeds.shape[-1]
         inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, device=inputs_embeds.device, dtype=torch.float32) / dim)
         angles = position_ids[..., None].float() * inv_freq
-        table = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
+        table = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2) * dim**-0.5
         return inputs_embeds + table.to(inputs_embeds.dtype)
 
 
