@@ -162,6 +162,77 @@ register_subcommand("card", _add_card)
 register_subcommand("push", _add_push)
 
 
+def _add_extrapolate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "extrapolate",
+        help="perplexity (causal LM) or masked-token accuracy (masked LM) versus sequence length",
+        description="Evaluate one or more saved models on a text file at several lengths and write a JSON table, a "
+        "markdown table and a PNG plot (one line per model). Lengths beyond a learned absolute table are recorded "
+        "as n/a with the reason.",
+    )
+    parser.add_argument("models", nargs="+", metavar="MODEL", help="local folders or Hub ids")
+    parser.add_argument("--text-file", required=True, help="UTF-8 evaluation text")
+    parser.add_argument("--lengths", type=int, nargs="+", required=True, help="e.g. 64 128 256 512 1024")
+    parser.add_argument("--train-length", type=int, help="marked on the plot")
+    parser.add_argument("--task", choices=["causal-lm", "masked-lm"], default="causal-lm")
+    parser.add_argument("--mode", choices=["nonoverlapping", "sliding"], default="nonoverlapping")
+    parser.add_argument("--stride", type=int, help="sliding mode: tokens scored per window (default length // 2)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens of the text")
+    parser.add_argument("--mask-prob", type=float, default=0.15, help="masked-lm: fraction of tokens masked")
+    parser.add_argument("--tokenizer", help="tokenizer folder/id (default: each model's own; 'bytes' for UTF-8 bytes)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--output", default="extrapolation", help="writes OUTPUT.json, OUTPUT.md and OUTPUT.png")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=_run_extrapolate)
+
+
+def _run_extrapolate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    from .extrapolation import evaluate_mlm_accuracy, evaluate_perplexity, markdown_table, plot, save_json
+
+    text = Path(args.text_file).read_text(encoding="utf-8")
+    auto = AutoModelForCausalLM if args.task == "causal-lm" else AutoModelForMaskedLM
+    results = {}
+    for name in args.models:
+        model = auto.from_pretrained(name, trust_remote_code=True).to(args.device).eval()
+        if args.tokenizer == "bytes":
+            token_ids, mask_token_id = torch.tensor(list(text.encode("utf-8"))), None
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or name, trust_remote_code=True)
+            token_ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+            mask_token_id = tokenizer.mask_token_id
+        common = dict(batch_size=args.batch_size, max_tokens=args.max_tokens, progress=not args.no_progress,
+                      on_unsupported="nan")
+        if args.task == "causal-lm":
+            rows = evaluate_perplexity(model, token_ids, args.lengths, mode=args.mode, stride=args.stride, **common)
+        else:
+            if mask_token_id is None:
+                print("error: --task masked-lm needs a tokenizer with a mask token", file=sys.stderr)
+                return 2
+            rows = evaluate_mlm_accuracy(model, token_ids, args.lengths, mask_token_id, mask_prob=args.mask_prob,
+                                         **common)
+        results[name] = rows
+        for row in rows:
+            if "skipped" in row:
+                print(f"{name}: {row['length']}: n/a ({row['skipped']})", file=sys.stderr)
+    metric = "perplexity" if args.task == "causal-lm" else "accuracy"
+    save_json(results, f"{args.output}.json")
+    table = markdown_table(results, metric, args.train_length)
+    Path(f"{args.output}.md").write_text(table)
+    plot(results, f"{args.output}.png", train_length=args.train_length, metric=metric)
+    print(table)
+    print(f"wrote {args.output}.json, {args.output}.md, {args.output}.png")
+    return 0
+
+
+register_subcommand("extrapolate", _add_extrapolate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-relpos", description="Position encodings for BERT/GPT-style transformers models."

@@ -5,7 +5,7 @@ import json
 import pytest
 from huggingface_hub import ModelCard
 
-from hf_relpos import RelPosBertConfig, RelPosBertForSequenceClassification
+from hf_relpos import RelPosBertConfig, RelPosBertForSequenceClassification, RelPosGPTConfig, RelPosGPTForCausalLM
 from hf_relpos.cli import main
 
 
@@ -44,3 +44,23 @@ def test_push_refuses_pickled_weights(saved_model, capsys):
     (saved_model / "pytorch_model.bin").write_bytes(b"not safetensors")
     assert main(["push", str(saved_model), "me/model", "--dry-run"]) == 2
     assert "pytorch_model.bin" in capsys.readouterr().err
+
+
+def test_extrapolate_writes_the_table_json_and_plot_and_marks_absolute_beyond_its_table(tmp_path, capsys):
+    models = []
+    for name in ("alibi", "absolute"):
+        config = RelPosGPTConfig(position_embedding_type=name, n_embd=32, n_layer=1, n_head=4, vocab_size=256,
+                                 n_positions=16)
+        RelPosGPTForCausalLM(config).save_pretrained(tmp_path / name)
+        models.append(str(tmp_path / name))
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 8)
+    output = tmp_path / "result"
+    code = main(["extrapolate", *models, "--text-file", str(text), "--lengths", "16", "32", "--tokenizer", "bytes",
+                 "--output", str(output), "--no-progress"])
+    assert code == 0
+    results = json.loads(output.with_suffix(".json").read_text())
+    assert set(results) == set(models)
+    assert "n/a" in output.with_suffix(".md").read_text()
+    assert output.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+    assert "max_position_embeddings" in capsys.readouterr().err
