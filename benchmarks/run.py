@@ -1,0 +1,498 @@
+"""Speed and memory of every position encoding against transformers' own models, as ratios measured in one run.
+
+    python benchmarks/run.py [--quick] [--out benchmarks/results.json] [--sections train,generation,memory]
+
+Sections (see benchmarks/README.md and docs/PERFORMANCE.md for the method):
+
+1. ``train``: forward+backward time and peak memory of ``RelPosBertModel`` per encoding (``sdpa`` and ``eager``)
+   and of transformers' ``BertModel`` (sdpa and eager), ``T5EncoderModel``, ``DebertaV2Model``, ``RoFormerModel``,
+   ``BloomModel`` of the same size; every time is a ratio to the faster ``BertModel``, measured paired (below).
+2. ``generation``: greedy tokens/s with the KV cache, ``RelPosGPTForCausalLM`` per encoding vs ``GPT2LMHeadModel``.
+3. ``memory``: inference (no_grad) peak memory versus length on the ``flex_attention`` path (alibi, relative_key)
+   next to ``sdpa`` with its dense bias; flex compilation is excluded (one warm-up per shape).
+
+Timings on a shared machine are noisy: every candidate run sits between two runs of the baseline (B c1 B c2 B ...,
+the candidate order reversed every other round), each candidate's time is divided by the mean of its two
+neighbouring baseline runs, and the median of these paired ratios over rounds is reported. Peak memory is the
+high-water mark of live tensor bytes allocated during one step, from ``torch.profiler`` memory events (CPU has
+no ``max_memory_allocated``).
+"""
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # silence the profiler's start/stop lines
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from hf_relpos import (  # noqa: E402
+    POSITION_ENCODINGS,
+    RelPosBertConfig,
+    RelPosBertModel,
+    RelPosGPTConfig,
+    RelPosGPTForCausalLM,
+)
+
+
+# Model size: small enough for many repetitions at 2048 tokens on two CPU cores, the same for every model.
+HIDDEN, HEADS, LAYERS, FFN, VOCAB = 256, 4, 2, 1024, 8192
+# transformers' own model of the same encoding.
+ANCHOR_OF = {"t5": "T5EncoderModel", "deberta": "DebertaV2Model", "rope": "RoFormerModel", "alibi": "BloomModel"}
+CONTENT_ENCODINGS = ("relative_key", "relative_key_query", "deberta")
+GENERATION_TARGET, TIME_TARGET, CONTENT_TIME_TARGET = 0.95, 1.10, 1.25
+MiB = 2**20
+
+
+# --------------------------------------------------------------------------------------------------- measurement
+
+def peak_bytes(fn: Callable[[], object]) -> int:
+    """High-water mark of tensor bytes allocated (net of frees) while `fn` runs, from profiler memory events."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)  # kineto prints its start/stop lines on fd 2
+        try:
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                fn()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    events = sorted(
+        (event.start_ns(), event.nbytes()) for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def paired(baseline: str, fns: dict[str, Callable[[], object]], reps: int, label: str) -> dict[str, list[float]]:
+    """Per-repetition ratios candidate / baseline, the baseline run right before and right after every candidate
+    (B c1 B c2 B ...), so each ratio compares runs seconds apart. Returns {name: [ratio, ...]} and the raw times
+    under "seconds:<name>"."""
+    out: dict[str, list[float]] = {name: [] for name in fns if name != baseline}
+    raw: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(out)
+
+    def timed(name):
+        gc.collect()
+        t0 = time.perf_counter()
+        fns[name]()
+        seconds = time.perf_counter() - t0
+        raw[name].append(seconds)
+        return seconds
+
+    for rep in range(reps):
+        start = time.perf_counter()
+        before = timed(baseline)
+        for name in names if rep % 2 == 0 else names[::-1]:
+            candidate = timed(name)
+            after = timed(baseline)
+            out[name].append(candidate / ((before + after) / 2))
+            before = after
+        print(f"  [{label}] round {rep + 1}/{reps} ({time.perf_counter() - start:.1f} s)", flush=True)
+    out.update({f"seconds:{name}": values for name, values in raw.items()})
+    return out
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+# --------------------------------------------------------------------------------------------------- models
+
+def relpos_encoder(encoding: str, kernel: str, max_len: int):
+    config = RelPosBertConfig(
+        position_embedding_type=encoding, vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=HEADS,
+        num_hidden_layers=LAYERS, intermediate_size=FFN, max_position_embeddings=max_len,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return RelPosBertModel._from_config(config, attn_implementation=kernel)
+
+
+def anchor_model(name: str, max_len: int):
+    """transformers' own model (name, kernel): sdpa where the model supports it, else eager."""
+    common = dict(vocab_size=VOCAB)
+    if name.startswith("BertModel"):
+        kernel = name.split(":")[1]
+        config = transformers.BertConfig(
+            hidden_size=HIDDEN, num_attention_heads=HEADS, num_hidden_layers=LAYERS, intermediate_size=FFN,
+            max_position_embeddings=max_len, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common,
+        )
+        return transformers.BertModel._from_config(config, attn_implementation=kernel), kernel
+    if name == "T5EncoderModel":
+        config = transformers.T5Config(
+            d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=FFN, num_heads=HEADS, num_layers=LAYERS, dropout_rate=0.0,
+            feed_forward_proj="gelu", **common,
+        )
+        cls = transformers.T5EncoderModel
+    elif name == "DebertaV2Model":  # DeBERTa-v3 settings: c2p + p2c, 256 log buckets, shared keys
+        config = transformers.DebertaV2Config(
+            hidden_size=HIDDEN, num_attention_heads=HEADS, num_hidden_layers=LAYERS, intermediate_size=FFN,
+            max_position_embeddings=512, relative_attention=True, position_buckets=256, pos_att_type=["p2c", "c2p"],
+            norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False, type_vocab_size=0,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common,
+        )
+        cls = transformers.DebertaV2Model
+    elif name == "RoFormerModel":
+        config = transformers.RoFormerConfig(
+            hidden_size=HIDDEN, embedding_size=HIDDEN, num_attention_heads=HEADS, num_hidden_layers=LAYERS,
+            intermediate_size=FFN, max_position_embeddings=max_len, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0, **common,
+        )
+        cls = transformers.RoFormerModel
+    elif name == "BloomModel":  # causal decoder: its alibi is causal, relpos's encoder alibi is symmetric
+        config = transformers.BloomConfig(
+            hidden_size=HIDDEN, n_head=HEADS, n_layer=LAYERS, hidden_dropout=0.0, attention_dropout=0.0, **common,
+        )
+        cls = transformers.BloomModel
+    else:
+        raise KeyError(name)
+    kernel = "sdpa" if cls._supports_sdpa else "eager"
+    return cls._from_config(config, attn_implementation=kernel), kernel
+
+
+def train_step(model, input_ids: torch.Tensor) -> Callable[[], None]:
+    def step():
+        for parameter in model.parameters():
+            parameter.grad = None
+        hidden = model(input_ids=input_ids).last_hidden_state
+        hidden.float().pow(2).mean().backward()
+    return step
+
+
+# --------------------------------------------------------------------------------------------------- sections
+
+def bench_train(lengths: list[int], reps: dict[int, int], eager_max_len: int | None = None) -> dict:
+    """Forward+backward per (model, kernel) at each length: median seconds, peak bytes, ratios. The relpos `eager`
+    rows are left out above `eager_max_len` (transformers' BertModel is always measured with both kernels)."""
+    encodings = list(POSITION_ENCODINGS)
+    results = {}
+    for length in lengths:
+        torch.manual_seed(0)
+        input_ids = torch.randint(5, VOCAB, (1, length))
+        rows, steps = {}, {}
+        for name in ("BertModel:sdpa", "BertModel:eager", *ANCHOR_OF.values()):
+            try:
+                model, kernel = anchor_model(name, length)
+                rows[name] = {"model": name.split(":")[0], "kernel": kernel, "encoding": "absolute" if "Bert" in name
+                              else next(e for e, a in ANCHOR_OF.items() if a == name), "family": "transformers"}
+                steps[name] = train_step(model.train(), input_ids)
+            except Exception as error:  # noqa: BLE001 - record and go on
+                rows[name] = {"model": name, "error": repr(error)}
+        for encoding in encodings:
+            for kernel in ("sdpa", "eager"):
+                name = f"relpos:{encoding}:{kernel}"
+                if kernel == "eager" and eager_max_len is not None and length > eager_max_len:
+                    rows[name] = {"model": "RelPosBertModel", "encoding": encoding, "kernel": kernel,
+                                  "skipped": f"not run (--eager-max-len {eager_max_len})"}
+                    continue
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        model = relpos_encoder(encoding, kernel, length)
+                except ValueError as error:  # e.g. xpos is decoder-only
+                    rows[name] = {"model": "RelPosBertModel", "encoding": encoding, "kernel": kernel,
+                                  "skipped": str(error).split("\n")[0]}
+                    continue
+                rows[name] = {"model": "RelPosBertModel", "encoding": encoding, "kernel": kernel, "family": "relpos"}
+                steps[name] = train_step(model.train(), input_ids)
+        print(f"train L={length}: {len(steps)} configurations; warm-up + peak memory", flush=True)
+        for name, step in list(steps.items()):
+            try:
+                rows[name]["peak_bytes"] = peak_bytes(step)  # doubles as the warm-up
+            except Exception as error:  # noqa: BLE001
+                rows[name]["error"] = repr(error)
+                del steps[name]
+        ratios = paired("BertModel:sdpa", steps, reps[length], f"train L={length}")
+        for name in steps:
+            rows[name]["seconds"] = ratios[f"seconds:{name}"]
+            rows[name]["median_s"] = median(ratios[f"seconds:{name}"])
+            rows[name]["ratio_vs_bert_sdpa"] = 1.0 if name == "BertModel:sdpa" else median(ratios[name])
+        # The baseline is the faster BertModel: sdpa, or eager when its paired ratio to sdpa is below 1.
+        eager = rows["BertModel:eager"].get("ratio_vs_bert_sdpa", math.inf)
+        base, factor = ("BertModel:eager", eager) if eager < 1.0 else ("BertModel:sdpa", 1.0)
+        for row in rows.values():
+            if "ratio_vs_bert_sdpa" not in row:
+                continue
+            row["time_ratio"] = row["ratio_vs_bert_sdpa"] / factor
+            same_kernel = f"BertModel:{row['kernel']}"
+            row["mem_ratio"] = row["peak_bytes"] / rows[same_kernel]["peak_bytes"]
+            anchor = ANCHOR_OF.get(row["encoding"])
+            if row["family"] == "relpos" and anchor and "ratio_vs_bert_sdpa" in rows.get(anchor, {}):
+                row["vs_anchor"] = anchor
+                row["time_vs_anchor"] = row["ratio_vs_bert_sdpa"] / rows[anchor]["ratio_vs_bert_sdpa"]
+                row["mem_vs_anchor"] = row["peak_bytes"] / rows[anchor]["peak_bytes"]
+        results[str(length)] = {"baseline": base, "reps": reps[length], "rows": rows}
+    return results
+
+
+def bench_generation(encodings: list[str], new_tokens: int, reps: int, prompt: int = 32) -> dict:
+    common = dict(vocab_size=VOCAB, n_embd=HIDDEN, n_head=HEADS, n_layer=LAYERS, n_positions=1024,
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    input_ids = torch.randint(5, VOCAB, (1, prompt))
+    models = {"GPT2LMHeadModel": transformers.GPT2LMHeadModel._from_config(
+        transformers.GPT2Config(**common), attn_implementation="sdpa")}
+    for encoding in encodings:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            models[encoding] = RelPosGPTForCausalLM._from_config(
+                RelPosGPTConfig(position_embedding_type=encoding, **common), attn_implementation="sdpa")
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                  attention_mask=torch.ones_like(input_ids))
+
+    def generate(model):
+        def call():
+            with torch.no_grad():
+                out = model.generate(input_ids, **kwargs)
+            assert out.shape[1] == prompt + new_tokens, out.shape
+        return call
+
+    calls = {name: generate(model.eval()) for name, model in models.items()}
+    for call in calls.values():
+        call()  # warm-up
+    ratios = paired("GPT2LMHeadModel", calls, reps, "generation")
+    rows = {}
+    for name in calls:
+        values = ratios[f"seconds:{name}"]
+        # tokens/s ratio = baseline time / candidate time, per adjacent pair
+        ratio = 1.0 if name == "GPT2LMHeadModel" else median([1 / r for r in ratios[name]])
+        rows[name] = {"model": "GPT2LMHeadModel" if name == "GPT2LMHeadModel" else "RelPosGPTForCausalLM",
+                      "encoding": "absolute" if name == "GPT2LMHeadModel" else name, "kernel": "sdpa",
+                      "seconds": values, "tokens_per_s": new_tokens / median(values), "ratio": ratio}
+    return {"prompt": prompt, "new_tokens": new_tokens, "reps": reps, "rows": rows}
+
+
+def growth(lengths: list[int], peaks: list[int]) -> list[float]:
+    """Exponent of peak ~ L^p between consecutive lengths (1 linear, 2 quadratic)."""
+    return [math.log(peaks[i + 1] / peaks[i]) / math.log(lengths[i + 1] / lengths[i]) for i in range(len(peaks) - 1)]
+
+
+def bench_memory(lengths: list[int], encodings=("alibi", "relative_key"), layers: int = 1,
+                 save: Callable[[dict], None] | None = None) -> dict:
+    """no_grad peak memory vs length: flex (warm-up per shape excludes compilation) and sdpa with a dense bias."""
+    results, models = {}, {}
+    for encoding in encodings:
+        for kernel in ("flex_attention", "sdpa"):
+            config = RelPosBertConfig(
+                position_embedding_type=encoding, vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=HEADS,
+                num_hidden_layers=layers, intermediate_size=FFN, max_position_embeddings=max(lengths),
+                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            )
+            models[f"{encoding}:{kernel}"] = RelPosBertModel._from_config(config, attn_implementation=kernel).eval()
+            results[f"{encoding}:{kernel}"] = {"encoding": encoding, "kernel": kernel, "layers": layers,
+                                               "lengths": [], "peak_bytes": [], "warmup_s": []}
+    for length in lengths:  # shortest first, so an interrupted run still leaves a curve
+        input_ids = torch.randint(5, VOCAB, (1, length))
+        for name, model in models.items():
+            row = results[name]
+
+            def forward(model=model, input_ids=input_ids):
+                with torch.no_grad():
+                    model(input_ids=input_ids)
+
+            t0 = time.perf_counter()
+            if row["kernel"] == "flex_attention":
+                forward()  # compiles for this shape
+            warm = time.perf_counter() - t0
+            gc.collect()
+            row["peak_bytes"].append(peak_bytes(forward))
+            row["lengths"].append(length)
+            row["warmup_s"].append(round(warm, 2))
+            row["bytes_per_token"] = [p / n for p, n in zip(row["peak_bytes"], row["lengths"], strict=True)]
+            row["growth_exponent"] = growth(row["lengths"], row["peak_bytes"])
+            print(f"  memory {name} L={length}: peak {row['peak_bytes'][-1] / MiB:.1f} MiB "
+                  f"(warm-up/compile {warm:.1f} s)", flush=True)
+        if save is not None:
+            save(results)
+    return results
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+def fmt(value, spec=".2f", suffix="x") -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:{spec}}{suffix}"
+
+
+def targets(train: dict, generation: dict | None, memory: dict | None) -> dict:
+    """Each issue target: met or missed, judged on the encoding's faster kernel (sdpa or eager)."""
+    out = {"time": {}, "generation": {}, "flex_memory_linear": {}}
+    for length, block in train.items():
+        by_encoding: dict[str, dict] = {}
+        for row in block["rows"].values():
+            if row.get("family") == "relpos" and "time_ratio" in row:
+                best = by_encoding.get(row["encoding"])
+                if best is None or row["time_ratio"] < best["time_ratio"]:
+                    by_encoding[row["encoding"]] = row
+        for encoding, row in by_encoding.items():
+            limit = CONTENT_TIME_TARGET if encoding in CONTENT_ENCODINGS else TIME_TARGET
+            out["time"].setdefault(encoding, {})[length] = {
+                "ratio": round(row["time_ratio"], 3), "kernel": row["kernel"], "target": limit,
+                "met": row["time_ratio"] <= limit}
+    for name, row in (generation or {}).get("rows", {}).items():
+        if name != "GPT2LMHeadModel":
+            out["generation"][name] = {"ratio": round(row["ratio"], 3), "target": GENERATION_TARGET,
+                                       "met": row["ratio"] >= GENERATION_TARGET}
+    for name, row in (memory or {}).items():
+        if row["kernel"] == "flex_attention" and row.get("growth_exponent"):
+            last = row["growth_exponent"][-1]
+            out["flex_memory_linear"][name] = {"growth_exponent_last": round(last, 3), "met": last <= 1.25}
+    return out
+
+
+def print_report(results: dict) -> None:
+    train = results.get("train", {})
+    lengths = list(train)
+    if train:
+        print("\n== forward+backward, batch 1: time ratio to the faster BertModel; peak-memory ratio to BertModel of "
+              "the same kernel ==")
+        header = f"{'model':<18}{'encoding':<20}{'kernel':<7}"
+        for length in lengths:
+            header += f"| L={length:<6}time   mem    vs-own "
+        print(header)
+        names = list(next(iter(train.values()))["rows"])
+        for name in names:
+            first = train[lengths[0]]["rows"][name]
+            line = f"{first['model']:<18}{first.get('encoding', ''):<20}{first.get('kernel', ''):<7}"
+            for length in lengths:
+                row = train[length]["rows"][name]
+                if "skipped" in row:
+                    line += f"| {'decoder only' if 'decoder' in row['skipped'] else 'not run':<21}"
+                    continue
+                if "error" in row and "time_ratio" not in row:
+                    line += f"| {'error':<21}"
+                    continue
+                line += (f"| {fmt(row['time_ratio']):<7}{fmt(row['mem_ratio']):<7}"
+                         f"{fmt(row.get('time_vs_anchor')):<7}")
+            print(line)
+        for length in lengths:
+            block = train[length]
+            base = block["rows"][block["baseline"]]
+            print(f"L={length}: baseline {block['baseline']} {base['median_s'] * 1e3:.0f} ms/step (median), peak "
+                  f"{base['peak_bytes'] / MiB:.1f} MiB; {block['reps']} rounds of BertModel:sdpa-paired runs")
+    generation = results.get("generation")
+    if generation:
+        print(f"\n== generation: greedy, batch 1, prompt {generation['prompt']}, {generation['new_tokens']} new tokens,"
+              " sdpa, KV cache ==")
+        for row in generation["rows"].values():
+            print(f"{row['model']:<22}{row['encoding']:<20}{row['tokens_per_s']:8.1f} tok/s  {row['ratio']:.2f}x")
+    memory = results.get("memory")
+    if memory:
+        print("\n== inference (no_grad) peak memory vs length, 1 layer, batch 1 ==")
+        for name, row in memory.items():
+            cells = "  ".join(f"{n}:{p / MiB:7.1f}MiB" for n, p in zip(row["lengths"], row["peak_bytes"], strict=True))
+            exps = " ".join(f"{e:.2f}" for e in row.get("growth_exponent", []))
+            print(f"{name:<28}{cells}  growth exponents {exps}")
+    print("\n== targets (time: the encoding's faster kernel) ==")
+    for kind, entries in results.get("targets", {}).items():
+        for name, entry in entries.items():
+            cells = entry.items() if kind == "time" else [("", entry)]
+            for length, cell in cells:
+                value = cell.get("ratio", cell.get("growth_exponent_last"))
+                where = f" L={length}" if length else ""
+                print(f"{kind:<20}{name:<20}{where:<8}{value:7.3f}  {'met' if cell['met'] else 'MISSED'}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="lengths 128/512, 2 rounds, relpos eager rows at 128 only, memory for alibi at 256/512 "
+                        "(a few minutes, most of it flex compilation)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json"))
+    parser.add_argument("--sections", default="train,generation,memory",
+                        help="comma-separated subset of train,generation,memory")
+    parser.add_argument("--lengths", type=lambda text: [int(x) for x in text.split(",")], default=None,
+                        help="train lengths, comma-separated (default 512,2048; --quick 128,512)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--eager-max-len", type=int, default=None,
+                        help="leave the relpos eager rows out above this length (saves time on a slow machine)")
+    parser.add_argument("--report", nargs="+", metavar="JSON",
+                        help="no measuring: merge these results files (sections of separate runs) into --out, print")
+    args = parser.parse_args(argv)
+    if args.report:
+        results = {}
+        for path in args.report:
+            with open(path) as handle:
+                part = json.load(handle)
+            results.setdefault("meta", {"parts": []})["parts"].append(part.pop("meta"))
+            part.pop("targets", None)
+            results.setdefault("train", {}).update(part.pop("train", {}))
+            results.update(part)
+        results["targets"] = targets(results.get("train", {}), results.get("generation"), results.get("memory"))
+        with open(args.out, "w") as handle:
+            json.dump(results, handle, indent=1)
+        print_report(results)
+        return
+    sections = set(args.sections.split(","))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.quick:
+        train_lengths, reps = [128, 512], {128: 2, 512: 2}
+        gen_encodings, new_tokens, gen_reps = ["absolute", "rope", "alibi", "t5"], 32, 2
+        memory_lengths, memory_encodings = [256, 512], ("alibi",)
+        if args.eager_max_len is None:
+            args.eager_max_len = 128
+    else:
+        train_lengths, reps = [512, 2048], {512: 5, 2048: 3}
+        gen_encodings, new_tokens, gen_reps = list(POSITION_ENCODINGS), 128, 5
+        memory_lengths, memory_encodings = [1024, 2048, 4096, 8192], ("alibi", "relative_key")
+    results = {"meta": {
+        "command": "python " + " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "machine": platform.machine(), "cpu_count": os.cpu_count(), "threads": args.threads or torch.get_num_threads(),
+        "size": {"hidden": HIDDEN, "heads": HEADS, "layers": LAYERS, "intermediate": FFN, "vocab": VOCAB,
+                 "batch": 1},
+        "quick": args.quick}}
+
+    def save():
+        results["targets"] = targets(results.get("train", {}), results.get("generation"), results.get("memory"))
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as handle:
+            json.dump(results, handle, indent=1)
+
+    start = time.perf_counter()
+    if args.lengths:
+        train_lengths = args.lengths
+        reps = {length: reps.get(length, 3) for length in train_lengths}
+    if "train" in sections:
+        results["train"] = bench_train(train_lengths, reps, args.eager_max_len)
+        save()
+    if "generation" in sections:
+        results["generation"] = bench_generation(gen_encodings, new_tokens, gen_reps)
+        save()
+    if "memory" in sections:
+        def save_memory(partial):
+            results["memory"] = partial
+            save()
+
+        results["memory"] = bench_memory(memory_lengths, memory_encodings, save=save_memory)
+        save()
+    results["meta"]["total_s"] = round(time.perf_counter() - start, 1)
+    save()
+    print_report(results)
+    print(f"\nwrote {args.out} in {results['meta']['total_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
