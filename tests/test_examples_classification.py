@@ -111,3 +111,22 @@ def test_ddp_two_processes_match_one_process(workspace, tmp_path):
     single_losses, ddp_losses = losses(single), losses(ddp)
     assert len(single_losses) == len(ddp_losses) == 3
     assert ddp_losses == pytest.approx(single_losses, rel=1e-3, abs=1e-4), (single_losses, ddp_losses)
+
+
+def test_accelerate_launch_two_processes_match_one_process(workspace, tmp_path):
+    """`accelerate launch` with 2 CPU processes gives the losses of one process with the same global batch.
+
+    `--multi_gpu` selects accelerate's torch.distributed launcher; the script's `--use_cpu` keeps it on gloo."""
+    steps = ["--do_train", "--max_steps", "8", "--logging_steps", "4", "--learning_rate", "1e-3",
+             "--max_train_samples", "400"]
+    single = tmp_path / "single"
+    run([sys.executable, SCRIPT, *common_args(workspace, single), *steps, "--per_device_train_batch_size", "16"],
+        cwd=tmp_path)
+    launched = tmp_path / "accelerate"
+    run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29518",
+         SCRIPT, *common_args(workspace, launched), *steps, "--per_device_train_batch_size", "8",
+         "--ddp_backend", "gloo", "--ddp_find_unused_parameters", "False"], cwd=tmp_path)
+    single_losses, launched_losses = losses(single), losses(launched)
+    assert len(single_losses) == len(launched_losses) == 2
+    assert launched_losses == pytest.approx(single_losses, rel=1e-3, abs=1e-4), (single_losses, launched_losses)
