@@ -155,6 +155,11 @@ def flex_attention_forward(
 BIAS_KERNELS = ("eager", "sdpa", "flex_attention")
 
 
+def uses_score_mod(config) -> bool:
+    """Whether the configured kernel takes the bias as a `score_mod` (so no dense bias should be built)."""
+    return config._attn_implementation == "flex_attention"
+
+
 def resolve_kernel(implementation: str | None, encoding: type[PositionEncoding] | PositionEncoding | None) -> str:
     """The kernel that serves `encoding`: the requested one, or `sdpa` with a one-time warning naming both."""
     implementation = implementation or "eager"
@@ -198,7 +203,7 @@ def attention_forward(
             kwargs["score_mod"] = encoding.score_mod(query, key, state, module.layer_idx)
         elif (bias := encoding.bias(query, key, state, module.layer_idx)) is not None:
             kwargs["position_bias"] = bias
-    if implementation == "flex_attention":
+    if implementation == "flex_attention":  # the one kernel that takes a `score_mod`: see `uses_score_mod`
         interface = flex_attention_forward
     else:
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)

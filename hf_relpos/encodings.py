@@ -4,7 +4,8 @@ One class per scheme, registered in `POSITION_ENCODINGS` under its `position_emb
 encoding (where BERT keeps `embeddings.position_embeddings`, where GPT-2 keeps `wpe`) and calls its hooks:
 
 - `embed(inputs_embeds, position_ids)`: absolute schemes add to the token embeddings.
-- `prepare(query_positions, key_positions)`: once per forward, the tables every layer shares (cos/sin, a bias).
+- `prepare(query_positions, key_positions, dtype, dense)`: once per forward, the tables every layer shares
+  (cos/sin, a bias); `[q_len, k_len]` tables only when `dense` (eager/sdpa kernels), never for flex.
 - `rotate(query, key, state)`: rotary schemes rotate queries and the *new* keys (before they are cached).
 - `bias(query, key, state, layer_idx)`: a dense additive score bias broadcastable to `[batch, heads, q_len, k_len]`.
 - `score_mod(query, key, state, layer_idx)`: the same bias as a flex-attention `score_mod`, which never builds
@@ -38,12 +39,14 @@ class PositionState:
     """What an encoding computed once per forward for every layer to use.
 
     `query_positions` is `[batch, q_len]`, `key_positions` is `[batch, k_len]` (cached keys included);
-    `tables` holds scheme-specific tensors (rotary cos/sin, a shared bias, gather indices).
+    `tables` holds scheme-specific tensors (rotary cos/sin, a shared bias, gather indices); `dtype` is the model's
+    compute dtype.
     """
 
     query_positions: torch.Tensor
     key_positions: torch.Tensor
     tables: dict[str, torch.Tensor] = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32
 
 
 def relative_distance(state: PositionState) -> torch.Tensor:
@@ -83,9 +86,12 @@ class PositionEncoding(nn.Module):
         """Add absolute position information to `inputs_embeds` `[batch, len, hidden]`."""
         return inputs_embeds
 
-    def prepare(self, query_positions: torch.Tensor, key_positions: torch.Tensor, dtype: torch.dtype) -> PositionState:
-        """Compute what all layers share for one forward."""
-        return PositionState(query_positions, key_positions)
+    def prepare(
+        self, query_positions: torch.Tensor, key_positions: torch.Tensor, dtype: torch.dtype, dense: bool = True
+    ) -> PositionState:
+        """Compute what all layers share for one forward; `[q_len, k_len]` tables only if `dense` (the kernel takes
+        a dense bias rather than a `score_mod`)."""
+        return PositionState(query_positions, key_positions, dtype=dtype)
 
     def rotate(
         self, query: torch.Tensor, key: torch.Tensor, state: PositionState
@@ -272,9 +278,9 @@ class RotaryPositionEncoding(PositionEncoding):
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
 
-    def prepare(self, query_positions: torch.Tensor, key_positions: torch.Tensor, dtype: torch.dtype) -> PositionState:
+    def prepare(self, query_positions, key_positions, dtype, dense=True) -> PositionState:
         cos, sin = self(torch.empty(0, dtype=dtype, device=query_positions.device), query_positions)
-        return PositionState(query_positions, key_positions, {"cos": cos, "sin": sin})
+        return PositionState(query_positions, key_positions, {"cos": cos, "sin": sin}, dtype)
 
     def rotate(
         self, query: torch.Tensor, key: torch.Tensor, state: PositionState
@@ -303,8 +309,8 @@ class XPosEncoding(RotaryPositionEncoding):
         super().__init__(config, causal)
         self.scale_base = config.xpos_scale_base
 
-    def prepare(self, query_positions: torch.Tensor, key_positions: torch.Tensor, dtype: torch.dtype) -> PositionState:
-        state = super().prepare(query_positions, key_positions, dtype)
+    def prepare(self, query_positions, key_positions, dtype, dense=True) -> PositionState:
+        state = super().prepare(query_positions, key_positions, dtype, dense)
         rotary_dim = state.tables["cos"].shape[-1]
         zeta = (torch.arange(0, rotary_dim, 2, device=query_positions.device, dtype=torch.float32) / rotary_dim
                 + self.gamma) / (1 + self.gamma)
@@ -347,7 +353,7 @@ def relative_position_bucket(
 
 
 class StaticBiasEncoding(PositionEncoding):
-    """A bias that depends on positions only: computed once in `prepare` and shared by every layer."""
+    """A bias that depends on positions only: computed once per forward and shared by every layer."""
 
     has_bias = True
 
@@ -355,9 +361,13 @@ class StaticBiasEncoding(PositionEncoding):
         """The bias `[batch, heads, q_len, k_len]` (or any broadcastable shape) for these positions."""
         raise NotImplementedError
 
-    def prepare(self, query_positions: torch.Tensor, key_positions: torch.Tensor, dtype: torch.dtype) -> PositionState:
-        bias = self.position_bias(query_positions[:, :, None], key_positions[:, None, :])
-        return PositionState(query_positions, key_positions, {"bias": bias.to(dtype)})
+    def prepare(self, query_positions, key_positions, dtype, dense=True) -> PositionState:
+        state = PositionState(query_positions, key_positions, dtype=dtype)
+        if dense:
+            # Built in fp32 (distances of thousands of tokens), cast once for the kernel.
+            bias = self.position_bias(query_positions[:, :, None], key_positions[:, None, :])
+            state.tables["bias"] = bias.to(dtype)
+        return state
 
     def bias(
         self, query: torch.Tensor, key: torch.Tensor, state: PositionState, layer_idx: int
@@ -555,10 +565,11 @@ class RelativeKeyEncoding(PositionEncoding):
             nn.Embedding(2 * self.max_distance + 1, self.head_dim) for _ in range(self.num_layers)
         )
 
-    def prepare(self, query_positions: torch.Tensor, key_positions: torch.Tensor, dtype: torch.dtype) -> PositionState:
-        state = PositionState(query_positions, key_positions)
-        index = relative_distance(state).clamp(-self.max_distance, self.max_distance) + self.max_distance
-        state.tables["index"] = index
+    def prepare(self, query_positions, key_positions, dtype, dense=True) -> PositionState:
+        state = PositionState(query_positions, key_positions, dtype=dtype)
+        if dense:
+            k = self.max_distance
+            state.tables["index"] = relative_distance(state).clamp(-k, k) + k
         return state
 
     def distance_scores(self, query: torch.Tensor, key: torch.Tensor, layer_idx: int):
@@ -571,9 +582,10 @@ class RelativeKeyEncoding(PositionEncoding):
 
     def bias(self, query, key, state, layer_idx):
         query_scores, key_scores = self.distance_scores(query, key, layer_idx)
-        bias = gather_relative(query_scores, state.tables["index"])
+        index = state.tables["index"]
+        bias = gather_relative(query_scores, index)
         if key_scores is not None:
-            bias = bias + gather_relative_keys(key_scores, state.tables["index"])
+            bias = bias + gather_relative_keys(key_scores, index)
         return bias
 
     def score_mod(self, query, key, state, layer_idx):
@@ -641,12 +653,18 @@ class DisentangledEncoding(PositionEncoding):
     def scaling(self, head_dim: int) -> float:
         return (3 * head_dim) ** -0.5
 
-    def prepare(self, query_positions: torch.Tensor, key_positions: torch.Tensor, dtype: torch.dtype) -> PositionState:
-        relative = query_positions[:, :, None] - key_positions[:, None, :]
+    def prepare(self, query_positions, key_positions, dtype, dense=True) -> PositionState:
+        state = PositionState(query_positions, key_positions, dtype=dtype)
+        if dense:
+            state.tables["index"] = self.distance_index(query_positions[:, :, None], key_positions[:, None, :])
+        return state
+
+    def distance_index(self, query_position: torch.Tensor, key_position: torch.Tensor) -> torch.Tensor:
+        """Rows of the relative table, `bucket(i - j) + span` clamped to the table, elementwise."""
+        relative = query_position - key_position
         if self.position_buckets > 0:
             relative = make_log_bucket_position(relative, self.position_buckets, self.max_relative_positions)
-        index = (relative + self.span).clamp(0, 2 * self.span - 1)
-        return PositionState(query_positions, key_positions, {"index": index})
+        return (relative + self.span).clamp(0, 2 * self.span - 1)
 
     def distance_scores(self, query: torch.Tensor, key: torch.Tensor, layer_idx: int):
         """`q . Kr` `[batch, heads, q_len, 2 span]` and `k . Qr` `[batch, heads, k_len, 2 span]`, scaled."""
@@ -666,10 +684,10 @@ class DisentangledEncoding(PositionEncoding):
 
     def score_mod(self, query, key, state, layer_idx):
         c2p, p2c = self.distance_scores(query, key, layer_idx)
-        index = state.tables["index"]
+        query_positions, key_positions = state.query_positions, state.key_positions
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            d = index[b, q_idx, kv_idx]
+            d = self.distance_index(query_positions[b, q_idx], key_positions[b, kv_idx])
             return score + c2p[b, h, q_idx, d] + p2c[b, h, kv_idx, d]
 
         return score_mod

@@ -31,7 +31,13 @@ from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .attention import attention_forward, check_attention_mask, resolve_kernel, token_positions
+from .attention import (
+    attention_forward,
+    check_attention_mask,
+    resolve_kernel,
+    token_positions,
+    uses_score_mod,
+)
 from .configuration_relpos import RelPosBertConfig
 from .encodings import PositionEncoding, PositionState, build_position_encoding, get_encoding_class
 
@@ -208,7 +214,9 @@ class RelPosBertModel(RelPosBertPreTrainedModel):
         )
         hidden_states = self.embeddings(inputs_embeds, token_type_ids, query_positions)
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
-        state = self.position_encoding.prepare(query_positions, key_positions, hidden_states.dtype)
+        state = self.position_encoding.prepare(
+            query_positions, key_positions, hidden_states.dtype, dense=not uses_score_mod(self.config)
+        )
         hidden_states = self.encoder(hidden_states, mask, self.position_encoding, state, **kwargs)
         pooled = self.pooler(hidden_states) if self.pooler is not None else None
         return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=hidden_states, pooler_output=pooled)

@@ -27,7 +27,13 @@ from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .attention import attention_forward, check_attention_mask, resolve_kernel, token_positions
+from .attention import (
+    attention_forward,
+    check_attention_mask,
+    resolve_kernel,
+    token_positions,
+    uses_score_mod,
+)
 from .configuration_relpos import RelPosGPTConfig
 from .encodings import PositionEncoding, PositionState, build_position_encoding, get_encoding_class
 
@@ -256,7 +262,9 @@ class RelPosGPTModel(RelPosGPTPreTrainedModel):
                 config=self.config, inputs_embeds=inputs_embeds, attention_mask=encoder_attention_mask,
                 encoder_hidden_states=encoder_hidden_states,
             )
-        state = self.wpe.prepare(query_positions, key_positions, hidden_states.dtype)
+        state = self.wpe.prepare(
+            query_positions, key_positions, hidden_states.dtype, dense=not uses_score_mod(self.config)
+        )
         cache = past_key_values if not (self.gradient_checkpointing and self.training) else None
         for block in self.h:
             hidden_states = block(

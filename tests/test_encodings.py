@@ -230,7 +230,7 @@ def test_deberta_relative_positions_equal_transformers(position_buckets, max_rel
     )
     length = 40
     arange = torch.arange(length)[None]
-    index = encoding.prepare(arange, arange, torch.float32).tables["index"]
+    index = encoding.distance_index(arange[:, :, None], arange[:, None, :])
     reference = build_relative_position(
         torch.zeros(1, length, 1), torch.zeros(1, length, 1), bucket_size=position_buckets,
         max_position=max_relative_positions,
