@@ -133,7 +133,9 @@ def render_model_card(
         encoding_description=encoding_description(encoding),
         imports=", ".join(sorted({auto_class, *(["AutoTokenizer"] if has_tokenizer else [])})),
         load_lines="\n".join([
-            *([f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")'] if has_tokenizer else []),
+            # The tokenizer too: config.json names custom code, and AutoTokenizer reads it.
+            *([f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True)']
+              if has_tokenizer else []),
             f'model = {auto_class}.from_pretrained("{repo_id}", trust_remote_code=True)',
         ]),
         training="\n".join(training_lines),
