@@ -31,15 +31,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402
-import transformers  # noqa: E402
-from datasets import ClassLabel, load_dataset  # noqa: E402
+from datasets import ClassLabel  # noqa: E402
 from sklearn.metrics import accuracy_score, f1_score  # noqa: E402
 from transformers import (  # noqa: E402
     AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    HfArgumentParser,
     Trainer,
     TrainingArguments,
     set_seed,
@@ -47,6 +45,10 @@ from transformers import (  # noqa: E402
 
 import hf_relpos  # noqa: E402, F401  (registers the relpos models with the Auto classes)
 from hf_relpos.convert import RELPOS_MODEL_TYPES, load_converted  # noqa: E402
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # relpos_example_utils, also when imported by path
+import relpos_example_utils as shared  # noqa: E402
 
 
 logger = logging.getLogger(__name__)
@@ -76,17 +78,13 @@ class ModelArguments:
 
 
 @dataclass
-class DataTrainingArguments:
+class DataTrainingArguments(shared.DataArguments):
     dataset_name: str | None = field(default=None, metadata={"help": "A dataset on the Hub (needs network)."})
-    dataset_config_name: str | None = field(default=None)
     train_file: str | None = field(default=None, metadata={"help": "csv or json(l) with text and label columns."})
     validation_file: str | None = field(default=None, metadata={"help": "csv or json(l), same columns."})
     text_column_name: str = field(default="text")
     label_column_name: str = field(default="label")
     max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated."})
-    max_train_samples: int | None = field(default=None)
-    max_eval_samples: int | None = field(default=None)
-    preprocessing_num_workers: int | None = field(default=None)
 
     def __post_init__(self):
         if self.dataset_name is None and self.train_file is None and self.validation_file is None:
@@ -94,20 +92,6 @@ class DataTrainingArguments:
         for path in (self.train_file, self.validation_file):
             if path is not None and path.rsplit(".", 1)[-1] not in ("csv", "json", "jsonl"):
                 raise ValueError(f"{path}: expected a .csv, .json or .jsonl file.")
-
-
-def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArguments) -> datasets.DatasetDict:
-    if data_args.dataset_name is not None:
-        return load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=model_args.cache_dir,
-                            token=model_args.token)
-    files = {}
-    if data_args.train_file is not None:
-        files["train"] = data_args.train_file
-    if data_args.validation_file is not None:
-        files["validation"] = data_args.validation_file
-    extension = next(iter(files.values())).rsplit(".", 1)[-1]
-    return load_dataset("json" if extension in ("json", "jsonl") else "csv", data_files=files,
-                        cache_dir=model_args.cache_dir)
 
 
 def label_names(raw: datasets.DatasetDict, column: str) -> list[str]:
@@ -144,22 +128,13 @@ def compute_metrics(prediction) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
-                        handlers=[logging.StreamHandler(sys.stdout)])
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    logger.info(f"Training/evaluation parameters {training_args}")
+    model_args, data_args, training_args = shared.parse_args(
+        (ModelArguments, DataTrainingArguments, TrainingArguments), argv
+    )
+    shared.setup_logging(training_args, process_logger=logger)
     set_seed(training_args.seed)
 
-    raw = load_raw_datasets(data_args, model_args)
+    raw = shared.load_raw_datasets(data_args, model_args.cache_dir, token=model_args.token)
     names = label_names(raw, data_args.label_column_name)
     label_to_id = {name: index for index, name in enumerate(names)}
     model = load_model(model_args, len(names), dict(enumerate(names)), label_to_id)
@@ -183,16 +158,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if training_args.do_train:
         if "train" not in tokenized:
             raise ValueError("--do_train needs a train split (--train_file).")
-        train_dataset = tokenized["train"]
-        if data_args.max_train_samples is not None:
-            train_dataset = train_dataset.select(range(min(len(train_dataset), data_args.max_train_samples)))
+        train_dataset = shared.limit(tokenized["train"], data_args.max_train_samples)
     if training_args.do_eval:
         split = "validation" if "validation" in tokenized else "test"
         if split not in tokenized:
             raise ValueError("--do_eval needs a validation split (--validation_file).")
-        eval_dataset = tokenized[split]
-        if data_args.max_eval_samples is not None:
-            eval_dataset = eval_dataset.select(range(min(len(eval_dataset), data_args.max_eval_samples)))
+        eval_dataset = shared.limit(tokenized[split], data_args.max_eval_samples)
 
     trainer = Trainer(
         model=model,
@@ -206,19 +177,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     all_metrics: dict[str, float] = {}
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_model()  # model (with modelling code + auto_map for relpos models) and tokenizer
-        metrics = dict(result.metrics, train_samples=len(train_dataset))
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
+        # save_model: the model (with modelling code + auto_map for relpos models) and the tokenizer
+        metrics = shared.train_and_save(trainer, training_args, train_dataset)
         all_metrics.update({f"train_{k}" if not k.startswith("train") else k: v for k, v in metrics.items()})
     if training_args.do_eval:
-        metrics = trainer.evaluate()
-        metrics["eval_samples"] = len(eval_dataset)
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        all_metrics.update(metrics)
+        all_metrics.update(shared.report_eval(trainer, trainer.evaluate(), len(eval_dataset)))
     return all_metrics
 
 

@@ -14,95 +14,40 @@ import sys
 from dataclasses import dataclass, field
 from itertools import chain
 
-import datasets
-import transformers
-from transformers import (
-    AutoTokenizer,
-    HfArgumentParser,
-    Trainer,
-    TrainingArguments,
-    default_data_collator,
-    set_seed,
-)
+from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator, set_seed
 
 from hf_relpos import RelPosGPTForCausalLM
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # relpos_example_utils, also when imported by path
+import relpos_example_utils as shared  # noqa: E402
 
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ModelArguments:
+class GPTModelArguments(shared.ModelArguments):
     model_name_or_path: str = field(metadata={"help": "GPT-2-layout checkpoint (local folder or Hub id)."})
-    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
-    position_embedding_type: str | None = field(
-        default=None, metadata={"help": "Convert the checkpoint to this encoding (alibi, t5, rope, ...)."}
-    )
-    max_relative_positions: int | None = field(default=None, metadata={"help": "relative_key(_query)/deberta."})
-    relative_attention_num_buckets: int | None = field(default=None, metadata={"help": "t5: bucket count."})
-    relative_attention_max_distance: int | None = field(default=None, metadata={"help": "t5: max distance."})
-    rope_theta: float | None = field(default=None, metadata={"help": "rope: base frequency."})
-    cache_dir: str | None = field(default=None)
 
 
 @dataclass
-class DataTrainingArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "A dataset on the Hub."})
-    dataset_config_name: str | None = field(default=None)
-    train_file: str | None = field(default=None, metadata={"help": "txt, csv or json(l) file."})
-    validation_file: str | None = field(default=None, metadata={"help": "txt, csv or json(l) file."})
+class DataTrainingArguments(shared.DataArguments):
     text_column_name: str = field(default="text")
     block_size: int | None = field(default=None, metadata={"help": "Tokens per training block (default 1024)."})
-    max_train_samples: int | None = field(default=None)
-    max_eval_samples: int | None = field(default=None)
-    preprocessing_num_workers: int | None = field(default=None)
-
-
-def config_overrides(model_args) -> dict:
-    """The `from_pretrained` keyword arguments that convert the checkpoint and override its position fields."""
-    overrides = {
-        name: getattr(model_args, name)
-        for name in (
-            "position_embedding_type", "max_relative_positions", "relative_attention_num_buckets",
-            "relative_attention_max_distance",
-        )
-        if getattr(model_args, name) is not None
-    }
-    if model_args.rope_theta is not None:
-        overrides["rope_parameters"] = {"rope_type": "default", "rope_theta": model_args.rope_theta}
-    return overrides
-
-
-def load_raw_datasets(data_args, cache_dir=None) -> datasets.DatasetDict:
-    if data_args.dataset_name is not None:
-        return datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
-    data_files = {}
-    if data_args.train_file is not None:
-        data_files["train"] = data_args.train_file
-    if data_args.validation_file is not None:
-        data_files["validation"] = data_args.validation_file
-    if not data_files:
-        raise ValueError("Pass --dataset_name or --train_file / --validation_file.")
-    extension = next(iter(data_files.values())).rsplit(".", 1)[-1]
-    extension = {"jsonl": "json", "txt": "text"}.get(extension, extension)
-    return datasets.load_dataset(extension, data_files=data_files, cache_dir=cache_dir)
 
 
 def main(argv=None):
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
+    model_args, data_args, training_args = shared.parse_args(
+        (GPTModelArguments, DataTrainingArguments, TrainingArguments), argv
+    )
+    shared.setup_logging(training_args)
     set_seed(training_args.seed)
 
-    raw = load_raw_datasets(data_args, model_args.cache_dir)
+    raw = shared.load_raw_datasets(data_args, model_args.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
     model = RelPosGPTForCausalLM.from_pretrained(
-        model_args.model_name_or_path, cache_dir=model_args.cache_dir, **config_overrides(model_args)
+        model_args.model_name_or_path, cache_dir=model_args.cache_dir, **shared.config_overrides(model_args)
     )
     logger.info("position_embedding_type = %s", model.config.position_embedding_type)
 
@@ -127,17 +72,7 @@ def main(argv=None):
                             remove_columns=raw[split].column_names)
         tokenized = tokenized.map(group_texts, batched=True, num_proc=data_args.preprocessing_num_workers)
 
-    train_dataset = eval_dataset = None
-    if training_args.do_train:
-        train_dataset = tokenized["train"]
-        if data_args.max_train_samples is not None:
-            train_dataset = train_dataset.select(range(min(len(train_dataset), data_args.max_train_samples)))
-    if training_args.do_eval:
-        if "validation" not in tokenized:
-            raise ValueError("--do_eval needs a validation split.")
-        eval_dataset = tokenized["validation"]
-        if data_args.max_eval_samples is not None:
-            eval_dataset = eval_dataset.select(range(min(len(eval_dataset), data_args.max_eval_samples)))
+    train_dataset, eval_dataset = shared.train_eval_datasets(tokenized, data_args, training_args)
 
     collator = default_data_collator
     trainer = Trainer(
@@ -147,21 +82,11 @@ def main(argv=None):
 
     results = {}
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_model()
-        metrics = train_result.metrics
-        metrics["train_samples"] = len(train_dataset)
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
-        results.update(metrics)
+        results.update(shared.train_and_save(trainer, training_args, train_dataset))
     if training_args.do_eval:
         metrics = trainer.evaluate()
-        metrics["eval_samples"] = len(eval_dataset)
         metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        results.update(metrics)
+        results.update(shared.report_eval(trainer, metrics, len(eval_dataset)))
     return results
 
 

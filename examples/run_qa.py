@@ -16,80 +16,24 @@ import string
 import sys
 from dataclasses import dataclass, field
 
-import datasets
 import numpy as np
-import transformers
-from transformers import (
-    AutoTokenizer,
-    HfArgumentParser,
-    Trainer,
-    TrainingArguments,
-    default_data_collator,
-    set_seed,
-)
+from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator, set_seed
 
 from hf_relpos import RelPosBertForQuestionAnswering
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # relpos_example_utils, also when imported by path
+import relpos_example_utils as shared  # noqa: E402
 
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "BERT-layout checkpoint (local folder or Hub id)."})
-    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
-    position_embedding_type: str | None = field(
-        default=None, metadata={"help": "Convert the checkpoint to this encoding (alibi, t5, rope, ...)."}
-    )
-    max_relative_positions: int | None = field(default=None, metadata={"help": "relative_key(_query)/deberta."})
-    relative_attention_num_buckets: int | None = field(default=None, metadata={"help": "t5: bucket count."})
-    relative_attention_max_distance: int | None = field(default=None, metadata={"help": "t5: max distance."})
-    rope_theta: float | None = field(default=None, metadata={"help": "rope: base frequency."})
-    cache_dir: str | None = field(default=None)
-
-
-@dataclass
-class DataTrainingArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "A dataset on the Hub."})
-    dataset_config_name: str | None = field(default=None)
-    train_file: str | None = field(default=None, metadata={"help": "txt, csv or json(l) file."})
-    validation_file: str | None = field(default=None, metadata={"help": "txt, csv or json(l) file."})
+class DataTrainingArguments(shared.DataArguments):
     max_seq_length: int = field(default=384)
     doc_stride: int = field(default=128, metadata={"help": "Overlap between windows of a long context."})
     max_answer_length: int = field(default=30, metadata={"help": "Longest answer, in tokens."})
-    max_train_samples: int | None = field(default=None)
-    max_eval_samples: int | None = field(default=None)
-    preprocessing_num_workers: int | None = field(default=None)
-
-
-def config_overrides(model_args) -> dict:
-    """The `from_pretrained` keyword arguments that convert the checkpoint and override its position fields."""
-    overrides = {
-        name: getattr(model_args, name)
-        for name in (
-            "position_embedding_type", "max_relative_positions", "relative_attention_num_buckets",
-            "relative_attention_max_distance",
-        )
-        if getattr(model_args, name) is not None
-    }
-    if model_args.rope_theta is not None:
-        overrides["rope_parameters"] = {"rope_type": "default", "rope_theta": model_args.rope_theta}
-    return overrides
-
-
-def load_raw_datasets(data_args, cache_dir=None) -> datasets.DatasetDict:
-    if data_args.dataset_name is not None:
-        return datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
-    data_files = {}
-    if data_args.train_file is not None:
-        data_files["train"] = data_args.train_file
-    if data_args.validation_file is not None:
-        data_files["validation"] = data_args.validation_file
-    if not data_files:
-        raise ValueError("Pass --dataset_name or --train_file / --validation_file.")
-    extension = next(iter(data_files.values())).rsplit(".", 1)[-1]
-    extension = {"jsonl": "json", "txt": "text"}.get(extension, extension)
-    return datasets.load_dataset(extension, data_files=data_files, cache_dir=cache_dir)
 
 
 def normalize_answer(text: str) -> str:
@@ -148,23 +92,19 @@ def postprocess(examples, features, start_logits, end_logits, max_answer_length:
 
 
 def main(argv=None):
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
+    model_args, data_args, training_args = shared.parse_args(
+        (shared.ModelArguments, DataTrainingArguments, TrainingArguments), argv
+    )
+    shared.setup_logging(training_args)
     set_seed(training_args.seed)
 
-    raw = load_raw_datasets(data_args, model_args.cache_dir)
+    raw = shared.load_raw_datasets(data_args, model_args.cache_dir)
     for split in raw:
         if "id" not in raw[split].column_names:
             raw[split] = raw[split].add_column("id", [f"{split}-{i}" for i in range(len(raw[split]))])
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
     model = RelPosBertForQuestionAnswering.from_pretrained(
-        model_args.model_name_or_path, cache_dir=model_args.cache_dir, **config_overrides(model_args)
+        model_args.model_name_or_path, cache_dir=model_args.cache_dir, **shared.config_overrides(model_args)
     )
     logger.info("position_embedding_type = %s", model.config.position_embedding_type)
     max_len = min(data_args.max_seq_length, tokenizer.model_max_length)
@@ -228,17 +168,13 @@ def main(argv=None):
     train_dataset = eval_examples = eval_features = None
     with training_args.main_process_first(desc="tokenization"):
         if training_args.do_train:
-            train_examples = raw["train"]
-            if data_args.max_train_samples is not None:
-                train_examples = train_examples.select(range(min(len(train_examples), data_args.max_train_samples)))
+            train_examples = shared.limit(raw["train"], data_args.max_train_samples)
             train_dataset = train_examples.map(prepare_train, batched=True, remove_columns=train_examples.column_names,
                                                num_proc=data_args.preprocessing_num_workers)
         if training_args.do_eval:
             if "validation" not in raw:
                 raise ValueError("--do_eval needs a validation split.")
-            eval_examples = raw["validation"]
-            if data_args.max_eval_samples is not None:
-                eval_examples = eval_examples.select(range(min(len(eval_examples), data_args.max_eval_samples)))
+            eval_examples = shared.limit(raw["validation"], data_args.max_eval_samples)
             eval_features = eval_examples.map(prepare_eval, batched=True, remove_columns=eval_examples.column_names,
                                               num_proc=data_args.preprocessing_num_workers)
 
@@ -249,14 +185,7 @@ def main(argv=None):
 
     results = {}
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_model()
-        metrics = train_result.metrics
-        metrics["train_samples"] = len(train_dataset)
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
-        results.update(metrics)
+        results.update(shared.train_and_save(trainer, training_args, train_dataset))
     if training_args.do_eval:
         model_inputs = eval_features.remove_columns(["example_id", "offset_mapping"])
         output = trainer.predict(model_inputs, metric_key_prefix="eval")
@@ -265,10 +194,7 @@ def main(argv=None):
         references = {ex["id"]: list(ex["answers"]["text"]) for ex in eval_examples}
         metrics = {k: v for k, v in output.metrics.items()}
         metrics.update({f"eval_{k}": v for k, v in squad_metrics(predictions, references).items()})
-        metrics["eval_samples"] = len(eval_examples)
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        results.update(metrics)
+        results.update(shared.report_eval(trainer, metrics, len(eval_examples)))
     return results
 
 

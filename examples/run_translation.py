@@ -16,20 +16,21 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import datasets
 import numpy as np
-import transformers
 from transformers import (
     AutoTokenizer,
     DataCollatorForSeq2Seq,
     EncoderDecoderModel,
-    HfArgumentParser,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
     set_seed,
 )
 
 from hf_relpos import RelPosBertModel, RelPosGPTConfig, RelPosGPTForCausalLM
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # relpos_example_utils, also when imported by path
+import relpos_example_utils as shared  # noqa: E402
 
 
 logger = logging.getLogger(__name__)
@@ -53,9 +54,7 @@ class ModelArguments:
 
 
 @dataclass
-class DataTrainingArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "A dataset on the Hub."})
-    dataset_config_name: str | None = field(default=None)
+class DataTrainingArguments(shared.DataArguments):
     train_file: str | None = field(default=None, metadata={"help": "csv or json(l) file."})
     validation_file: str | None = field(default=None, metadata={"help": "csv or json(l) file."})
     source_column: str = field(default="source")
@@ -65,48 +64,17 @@ class DataTrainingArguments:
     max_source_length: int = field(default=128)
     max_target_length: int = field(default=128)
     num_beams: int | None = field(default=None)
-    max_train_samples: int | None = field(default=None)
-    max_eval_samples: int | None = field(default=None)
-    preprocessing_num_workers: int | None = field(default=None)
-
-
-def position_overrides(model_args, position_embedding_type) -> dict:
-    overrides = {
-        name: getattr(model_args, name)
-        for name in ("max_relative_positions", "relative_attention_num_buckets", "relative_attention_max_distance")
-        if getattr(model_args, name) is not None
-    }
-    if position_embedding_type is not None:
-        overrides["position_embedding_type"] = position_embedding_type
-    if model_args.rope_theta is not None:
-        overrides["rope_parameters"] = {"rope_type": "default", "rope_theta": model_args.rope_theta}
-    return overrides
-
-
-def load_raw_datasets(data_args, cache_dir=None) -> datasets.DatasetDict:
-    if data_args.dataset_name is not None:
-        return datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
-    data_files = {}
-    if data_args.train_file is not None:
-        data_files["train"] = data_args.train_file
-    if data_args.validation_file is not None:
-        data_files["validation"] = data_args.validation_file
-    if not data_files:
-        raise ValueError("Pass --dataset_name or --train_file / --validation_file.")
-    extension = next(iter(data_files.values())).rsplit(".", 1)[-1]
-    extension = {"jsonl": "json"}.get(extension, extension)
-    return datasets.load_dataset(extension, data_files=data_files, cache_dir=cache_dir)
 
 
 def build_model(model_args, decoder_tokenizer) -> EncoderDecoderModel:
     """Warm-start both halves from their checkpoints, each converted to its own encoding."""
     encoder = RelPosBertModel.from_pretrained(
         model_args.encoder_name_or_path, cache_dir=model_args.cache_dir, add_pooling_layer=False,
-        **position_overrides(model_args, model_args.encoder_position_embedding_type),
+        **shared.config_overrides(model_args, model_args.encoder_position_embedding_type),
     )
     decoder_config = RelPosGPTConfig.from_pretrained(
         model_args.decoder_name_or_path, cache_dir=model_args.cache_dir, add_cross_attention=True,
-        **position_overrides(model_args, model_args.decoder_position_embedding_type),
+        **shared.config_overrides(model_args, model_args.decoder_position_embedding_type),
     )
     decoder_config.is_decoder = True
     decoder = RelPosGPTForCausalLM.from_pretrained(
@@ -128,17 +96,13 @@ def build_model(model_args, decoder_tokenizer) -> EncoderDecoderModel:
 
 
 def main(argv=None):
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, Seq2SeqTrainingArguments))
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
+    model_args, data_args, training_args = shared.parse_args(
+        (ModelArguments, DataTrainingArguments, Seq2SeqTrainingArguments), argv
+    )
+    shared.setup_logging(training_args)
     set_seed(training_args.seed)
 
-    raw = load_raw_datasets(data_args, model_args.cache_dir)
+    raw = shared.load_raw_datasets(data_args, model_args.cache_dir)
     split = "train" if "train" in raw else next(iter(raw))
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.encoder_name_or_path)
     decoder_tokenizer = AutoTokenizer.from_pretrained(
@@ -171,17 +135,7 @@ def main(argv=None):
         tokenized = raw.map(preprocess, batched=True, num_proc=data_args.preprocessing_num_workers,
                             remove_columns=raw[split].column_names)
 
-    train_dataset = eval_dataset = None
-    if training_args.do_train:
-        train_dataset = tokenized["train"]
-        if data_args.max_train_samples is not None:
-            train_dataset = train_dataset.select(range(min(len(train_dataset), data_args.max_train_samples)))
-    if training_args.do_eval:
-        if "validation" not in tokenized:
-            raise ValueError("--do_eval needs a validation split.")
-        eval_dataset = tokenized["validation"]
-        if data_args.max_eval_samples is not None:
-            eval_dataset = eval_dataset.select(range(min(len(eval_dataset), data_args.max_eval_samples)))
+    train_dataset, eval_dataset = shared.train_eval_datasets(tokenized, data_args, training_args)
 
     def compute_metrics(prediction) -> dict:
         import sacrebleu
@@ -207,22 +161,12 @@ def main(argv=None):
 
     results = {}
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_model()
-        metrics = train_result.metrics
-        metrics["train_samples"] = len(train_dataset)
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
-        results.update(metrics)
+        results.update(shared.train_and_save(trainer, training_args, train_dataset))
     if training_args.do_eval:
         metrics = trainer.evaluate(
             max_length=data_args.max_target_length, num_beams=data_args.num_beams, metric_key_prefix="eval"
         )
-        metrics["eval_samples"] = len(eval_dataset)
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        results.update(metrics)
+        results.update(shared.report_eval(trainer, metrics, len(eval_dataset)))
     return results
 
 
