@@ -3,7 +3,8 @@
 The models own their projections (BERT's `query/key/value`, GPT-2's `c_attn`) and call `attention_forward`,
 which rotates, updates the cache, asks the encoding for its bias and runs the kernel named by
 `config._attn_implementation`: `eager` (the reference, below), `sdpa` (transformers' `sdpa_attention_forward`,
-which folds `position_bias` into its float mask) or any other registered kernel that can serve the encoding.
+which folds `position_bias` into its float mask), `flex_attention` (the encoding's `score_mod`, no dense bias) or
+any other registered kernel that can serve the encoding.
 """
 
 import warnings
