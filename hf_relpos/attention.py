@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers.cache_utils import Cache
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
-from .encodings import PositionEncoding, PositionState
+from .encodings import PositionEncoding, PositionState, get_encoding_class
 
 
 logger = logging.get_logger(__name__)
@@ -209,3 +209,32 @@ def attention_forward(
     else:
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
     return interface(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+class RelPosPreTrainedModel(PreTrainedModel):
+    """What the encoder and decoder families share: the kernels they serve, kernel resolution before masks are
+    built, config validation at construction, and the encodings' own initialisation."""
+
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # Kernels are looked up through `ALL_ATTENTION_FUNCTIONS` above, so switching them at run time is safe.
+    _can_set_attn_implementation_cached_value = True
+
+    def __init__(self, config, *args, **kwargs):
+        # Fields may have been set after the config was built (e.g. `from_pretrained(..., position_embedding_type=)`).
+        config.validate_position_encoding()
+        super().__init__(config, *args, **kwargs)
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs) -> str:
+        # Masks are built for the kernel that will run: a kernel the encoding cannot use is replaced up front.
+        implementation = super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
+        return resolve_kernel(implementation, get_encoding_class(self.config.position_embedding_type))
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, PositionEncoding):
+            module.init_weights(self.config)

@@ -18,7 +18,6 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
-from transformers.modeling_utils import PreTrainedModel
 from transformers.models.bert.modeling_bert import (
     BertIntermediate,
     BertLMPredictionHead,
@@ -32,14 +31,14 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import capture_outputs
 
 from .attention import (
+    RelPosPreTrainedModel,
     attention_forward,
     check_attention_mask,
-    resolve_kernel,
     token_positions,
     uses_score_mod,
 )
 from .configuration_relpos import RelPosBertConfig
-from .encodings import PositionEncoding, PositionState, build_position_encoding, get_encoding_class
+from .encodings import PositionEncoding, PositionState, build_position_encoding
 
 
 logger = logging.get_logger(__name__)
@@ -138,36 +137,18 @@ class RelPosBertEncoder(nn.Module):
         return hidden_states
 
 
-class RelPosBertPreTrainedModel(PreTrainedModel):
+class RelPosBertPreTrainedModel(RelPosPreTrainedModel):
     config: RelPosBertConfig
     config_class = RelPosBertConfig
     base_model_prefix = "bert"
-    supports_gradient_checkpointing = True
     _no_split_modules = ["RelPosBertEmbeddings", "RelPosBertLayer"]
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
     _can_record_outputs = {"hidden_states": RelPosBertLayer, "attentions": RelPosBertSelfAttention}
-    # Kernels are looked up through `ALL_ATTENTION_FUNCTIONS` in attention.py, so switching them at run time is safe.
-    _can_set_attn_implementation_cached_value = True
-
-    def __init__(self, config: RelPosBertConfig, *args, **kwargs):
-        config.validate_position_encoding()
-        super().__init__(config, *args, **kwargs)
-
-    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs) -> str:
-        # Masks are built for the kernel that will run: a kernel the encoding cannot use is replaced up front.
-        implementation = super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
-        return resolve_kernel(implementation, get_encoding_class(self.config.position_embedding_type))
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, BertLMPredictionHead):
             init.zeros_(module.bias)
-        elif isinstance(module, PositionEncoding):
-            module.init_weights(self.config)
 
 
 class RelPosBertModel(RelPosBertPreTrainedModel):

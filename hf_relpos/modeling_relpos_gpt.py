@@ -20,7 +20,7 @@ from transformers.modeling_outputs import (
     CausalLMOutputWithCrossAttentions,
     SequenceClassifierOutputWithPast,
 )
-from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
@@ -28,14 +28,14 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .attention import (
+    RelPosPreTrainedModel,
     attention_forward,
     check_attention_mask,
-    resolve_kernel,
     token_positions,
     uses_score_mod,
 )
 from .configuration_relpos import RelPosGPTConfig
-from .encodings import PositionEncoding, PositionState, build_position_encoding, get_encoding_class
+from .encodings import PositionEncoding, PositionState, build_position_encoding
 
 
 logger = logging.get_logger(__name__)
@@ -151,17 +151,12 @@ class RelPosGPTBlock(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.ln_2(hidden_states))
 
 
-class RelPosGPTPreTrainedModel(PreTrainedModel):
+class RelPosGPTPreTrainedModel(RelPosPreTrainedModel):
     config: RelPosGPTConfig
     config_class = RelPosGPTConfig
     base_model_prefix = "transformer"
-    supports_gradient_checkpointing = True
     _no_split_modules = ["RelPosGPTBlock"]
     _skip_keys_device_placement = ["past_key_values"]
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
     _can_record_outputs = {
         "hidden_states": RelPosGPTBlock,
         "attentions": OutputRecorder(RelPosGPTAttention, layer_name=".attn", index=1),
@@ -169,18 +164,6 @@ class RelPosGPTPreTrainedModel(PreTrainedModel):
     }
     # GPT-2 checkpoints of older transformers carry the causal mask as a buffer.
     _keys_to_ignore_on_load_unexpected = [r"attn\.bias", r"crossattention\.bias", r"attn\.masked_bias"]
-    # Kernels are looked up through `ALL_ATTENTION_FUNCTIONS` in attention.py, so switching them at run time is safe.
-    _can_set_attn_implementation_cached_value = True
-
-    def __init__(self, config: RelPosGPTConfig, *args, **kwargs):
-        config.validate_position_encoding()
-        super().__init__(config, *args, **kwargs)
-
-    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs) -> str:
-        # Masks are built for the kernel that will run: a kernel the encoding cannot use is replaced up front.
-        implementation = super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
-        return resolve_kernel(implementation, get_encoding_class(self.config.position_embedding_type))
-
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -191,8 +174,6 @@ class RelPosGPTPreTrainedModel(PreTrainedModel):
             # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
             std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
             init.normal_(module.c_proj.weight, mean=0.0, std=std)
-        elif isinstance(module, PositionEncoding):
-            module.init_weights(self.config)
 
 
 class RelPosGPTModel(RelPosGPTPreTrainedModel):
