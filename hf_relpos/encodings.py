@@ -581,11 +581,15 @@ class RelativeKeyEncoding(PositionEncoding):
         return query_scores, key_scores
 
     def bias(self, query, key, state, layer_idx):
-        query_scores, key_scores = self.distance_scores(query, key, layer_idx)
         index = state.tables["index"]
-        bias = gather_relative(query_scores, index)
-        if key_scores is not None:
-            bias = bias + gather_relative_keys(key_scores, index)
+        table = self.distance_embedding[layer_idx].weight.to(query.dtype)
+        scale = self.scaling(query.shape[-1])
+        bias = gather_relative(torch.matmul(query, table.T) * scale, index)
+        if self.uses_keys and query.shape[2] < table.shape[0]:
+            # Few queries (a decode step): `k_j . r` for the pairs present, not every cached key against every row.
+            bias = bias + torch.einsum("bhkd,bqkd->bhqk", key, table[index]) * scale
+        elif self.uses_keys:
+            bias = bias + gather_relative_keys(torch.matmul(key, table.T) * scale, index)
         return bias
 
     def score_mod(self, query, key, state, layer_idx):
@@ -639,6 +643,7 @@ class DisentangledEncoding(PositionEncoding):
         self.LayerNorm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
         self.pos_key_proj = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(self.num_layers))
         self.pos_query_proj = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(self.num_layers))
+        self._projections: dict[int, tuple] = {}
 
     @classmethod
     def validate(cls, config, causal: bool) -> None:
@@ -666,12 +671,29 @@ class DisentangledEncoding(PositionEncoding):
             relative = make_log_bucket_position(relative, self.position_buckets, self.max_relative_positions)
         return (relative + self.span).clamp(0, 2 * self.span - 1)
 
-    def distance_scores(self, query: torch.Tensor, key: torch.Tensor, layer_idx: int):
-        """`q . Kr` `[batch, heads, q_len, 2 span]` and `k . Qr` `[batch, heads, k_len, 2 span]`, scaled."""
-        relative = self.LayerNorm(self.rel_embeddings.weight).to(query.dtype)
+    def position_projections(self, layer_idx: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`Kr` and `Qr` of one layer, `[heads, 2 span, head_dim]` each.
+
+        They depend on parameters only, so without autograd (inference, generation) they are kept until a parameter
+        changes, moves or is replaced: a decode step would otherwise project the whole table in every layer.
+        """
+        parameters = (self.rel_embeddings.weight, *self.LayerNorm.parameters(),
+                      *self.pos_key_proj[layer_idx].parameters(), *self.pos_query_proj[layer_idx].parameters())
+        signature = (dtype, *((p.data_ptr(), p._version) for p in parameters))
+        kept = self._projections.get(layer_idx)
+        if not torch.is_grad_enabled() and kept is not None and kept[0] == signature:
+            return kept[1]
+        relative = self.LayerNorm(self.rel_embeddings.weight).to(dtype)
         heads = (2 * self.span, self.num_heads, self.head_dim)
         pos_key = self.pos_key_proj[layer_idx](relative).view(heads).transpose(0, 1)
         pos_query = self.pos_query_proj[layer_idx](relative).view(heads).transpose(0, 1)
+        if not torch.is_grad_enabled():
+            self._projections[layer_idx] = (signature, (pos_key, pos_query))
+        return pos_key, pos_query
+
+    def distance_scores(self, query: torch.Tensor, key: torch.Tensor, layer_idx: int):
+        """`q . Kr` `[batch, heads, q_len, 2 span]` and `k . Qr` `[batch, heads, k_len, 2 span]`, scaled."""
+        pos_key, pos_query = self.position_projections(layer_idx, query.dtype)
         scale = self.scaling(query.shape[-1])
         content_to_position = torch.matmul(query, pos_key.transpose(-1, -2)) * scale
         position_to_content = torch.matmul(key, pos_query.transpose(-1, -2)) * scale

@@ -86,26 +86,28 @@ def test_absolute_beyond_table_raises_naming_max_position_embeddings():
 
 
 @pytest.mark.parametrize("name", ["relative_key", "relative_key_query"])
-def test_relative_key_bias_is_q_dot_r_of_clipped_distance(seed, name):
+@pytest.mark.parametrize("num_queries", [5, 9], ids=["cached_prefix", "full"])
+def test_relative_key_bias_is_q_dot_r_of_clipped_distance(seed, name, num_queries):
+    # 5 queries (fewer than the 2k + 1 = 7 table rows) and 9 queries exercise both ways of computing the k.r term.
     k = 3
     encoding, _ = make_encoding(name, max_relative_positions=k)
     kpos = positions(2, 9)
-    qpos = kpos[:, 4:]  # queries are the last 5 keys (a cached prefix of 4)
-    q, key = qk(2, 5, 9)
+    qpos = kpos[:, 9 - num_queries :]  # queries are the last keys (after a cached prefix)
+    q, key = qk(2, num_queries, 9)
     state = encoding.prepare(qpos, kpos, torch.float32)
     for layer in range(2):
         table = encoding.distance_embedding[layer].weight
-        expected = torch.zeros(2, HEADS, 5, 9)
+        expected = torch.zeros(2, HEADS, num_queries, 9)
         for b in range(2):
             for h in range(HEADS):
-                for i in range(5):
+                for i in range(num_queries):
                     for j in range(9):
                         r = table[max(-k, min(k, int(kpos[b, j] - qpos[b, i]))) + k]
                         value = q[b, h, i] @ r
                         if name == "relative_key_query":
                             value = value + key[b, h, j] @ r
                         expected[b, h, i, j] = value / math.sqrt(HEAD_DIM)
-        got = encoding.bias(q, key, state, layer).expand(2, HEADS, 5, 9)
+        got = encoding.bias(q, key, state, layer).expand(2, HEADS, num_queries, 9)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -279,6 +281,21 @@ def test_deberta_bias_equals_transformers_disentangled_attention(seed):
         theirs = hf_attention.disentangled_attention_bias(q[0], key[0], None, rel, scale_factor=3)
         ours = encoding.bias(q, key, encoding.prepare(arange, arange, torch.float32), 0)[0]
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_deberta_bias_without_autograd_follows_parameter_updates(seed):
+    # Without autograd the projected position tables are kept between calls; an in-place update must refresh them.
+    encoding, _ = make_encoding("deberta")
+    kpos = positions(1, 6)
+    q, key = qk(1, 6, 6)
+    state = encoding.prepare(kpos, kpos, torch.float32)
+    with torch.no_grad():
+        before = encoding.bias(q, key, state, 0)
+        encoding.pos_key_proj[0].weight.add_(0.5)
+        after = encoding.bias(q, key, state, 0)
+    fresh = encoding.bias(q, key, state, 0)  # with autograd: nothing kept
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, fresh.detach(), atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
