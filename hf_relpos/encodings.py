@@ -507,14 +507,27 @@ class FireEncoding(StaticBiasEncoding):
         reference = torch.maximum(query_position.float(), self.threshold.abs())
         return torch.log1p(c * distance) / torch.log1p(c * reference)
 
-    def position_bias(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
-        # The MLP runs in fp32 whatever the model's dtype: its input is a ratio of logarithms.
-        x = self.normalized_distance(query_positions, key_positions)[..., None]
+    def f(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP `[..., 1] -> [..., heads]`, in fp32 whatever the model's dtype (its input is a ratio of logs)."""
         first, last = self.mlp[0], self.mlp[2]
         hidden = torch.relu(nn.functional.linear(x, first.weight.float(), first.bias.float()))
-        return nn.functional.linear(hidden, last.weight.float(), last.bias.float()).movedim(-1, 1)
+        return nn.functional.linear(hidden, last.weight.float(), last.bias.float())
+
+    def position_bias(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        # Queries before the threshold share the normaliser psi(L), so their bias is a function of the distance
+        # alone: f runs once per distance, not once per (query, key) pair. Only queries past L need every pair.
+        distance = (key_positions - query_positions).abs()
+        c, threshold = self.c.abs(), self.threshold.abs()
+        distances = torch.arange(int(distance.max()) + 1, device=distance.device, dtype=torch.float32)
+        bias = self.f((torch.log1p(c * distances) / torch.log1p(c * threshold))[:, None])[distance]
+        beyond = (query_positions.float() >= threshold).expand_as(distance)
+        if beyond.any():
+            x = self.normalized_distance(query_positions.expand_as(distance), key_positions.expand_as(distance))
+            bias = bias.masked_scatter(beyond[..., None].expand_as(bias), self.f(x[beyond][:, None]))
+        return bias.movedim(-1, 1)
 
     def head_bias(self, query_position, key_position, head, tables):
+        # `f` unrolled over its hidden units: a score_mod sees one (query, key, head) at a time.
         x = self.normalized_distance(query_position, key_position)
         first, last = self.mlp[0], self.mlp[2]
         out = last.bias.float()[head]
