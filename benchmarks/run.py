@@ -53,6 +53,7 @@ from hf_relpos import (  # noqa: E402
 
 # Model size: small enough for many repetitions at 2048 tokens on two CPU cores, the same for every model.
 HIDDEN, HEADS, LAYERS, FFN, VOCAB = 256, 4, 2, 1024, 8192
+GENERATION_SIZES = {"default": (HIDDEN, HEADS, LAYERS), "gpt2": (768, 12, 12)}
 # transformers' own model of the same encoding.
 ANCHOR_OF = {"t5": "T5EncoderModel", "deberta": "DebertaV2Model", "rope": "RoFormerModel", "alibi": "BloomModel"}
 CONTENT_ENCODINGS = ("relative_key", "relative_key_query", "deberta")
@@ -246,8 +247,11 @@ def bench_train(lengths: list[int], reps: dict[int, int], eager_max_len: int | N
     return results
 
 
-def bench_generation(encodings: list[str], new_tokens: int, reps: int, prompt: int = 32) -> dict:
-    common = dict(vocab_size=VOCAB, n_embd=HIDDEN, n_head=HEADS, n_layer=LAYERS, n_positions=1024,
+def bench_generation(encodings: list[str], new_tokens: int, reps: int, prompt: int = 32,
+                     size: tuple[int, int, int] = (HIDDEN, HEADS, LAYERS)) -> dict:
+    """`size` is (hidden, heads, layers); `--generation-size gpt2` uses GPT-2 small's (768, 12, 12)."""
+    hidden, heads, layers = size
+    common = dict(vocab_size=VOCAB, n_embd=hidden, n_head=heads, n_layer=layers, n_positions=1024,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(0)
     input_ids = torch.randint(5, VOCAB, (1, prompt))
@@ -426,6 +430,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--eager-max-len", type=int, default=None,
                         help="leave the relpos eager rows out above this length (saves time on a slow machine)")
+    parser.add_argument("--generation-size", choices=sorted(GENERATION_SIZES), default="default",
+                        help="model size of the generation section: the default size, or GPT-2 small's widths")
     parser.add_argument("--report", nargs="+", metavar="JSON",
                         help="no measuring: merge these results files (sections of separate runs) into --out, print")
     args = parser.parse_args(argv)
@@ -479,7 +485,10 @@ def main(argv=None) -> None:
         results["train"] = bench_train(train_lengths, reps, args.eager_max_len)
         save()
     if "generation" in sections:
-        results["generation"] = bench_generation(gen_encodings, new_tokens, gen_reps)
+        results["generation"] = bench_generation(gen_encodings, new_tokens, gen_reps,
+                                                 size=GENERATION_SIZES[args.generation_size])
+        results["generation"]["size"] = dict(zip(("hidden", "heads", "layers"),
+                                                 GENERATION_SIZES[args.generation_size], strict=True))
         save()
     if "memory" in sections:
         def save_memory(partial):
