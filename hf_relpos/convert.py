@@ -176,14 +176,7 @@ def get_model_class(task: str, family: str) -> type[PreTrainedModel]:
     if class_name is None:
         served = [name for name, classes in TASKS.items() if classes[family]]
         raise ValueError(f"The {family} family has no {task!r} head; it serves {served}.")
-    module_name = f"{__package__}.{_MODULE_OF_FAMILY[family]}"
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        raise ImportError(
-            f"{class_name} needs {module_name}, which is not available in this installation ({error})."
-        ) from error
-    return getattr(module, class_name)
+    return getattr(importlib.import_module(f"{__package__}.{_MODULE_OF_FAMILY[family]}"), class_name)
 
 
 def infer_task(config: PreTrainedConfig) -> str:
