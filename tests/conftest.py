@@ -1,9 +1,9 @@
-"""Shared fixtures: a tiny encoder config and a fixed seed."""
+"""Shared fixtures: tiny encoder and decoder configs, a fixed seed, one torch thread."""
 
 import pytest
 import torch
 
-from hf_relpos import POSITION_ENCODINGS, RelPosBertConfig
+from hf_relpos import POSITION_ENCODINGS, RelPosBertConfig, RelPosGPTConfig
 
 
 ENCODER_ENCODINGS = [name for name, cls in POSITION_ENCODINGS.items() if not cls.decoder_only]
@@ -24,6 +24,27 @@ def tiny_bert_config(**overrides) -> RelPosBertConfig:
     )
     fields.update(overrides)
     return RelPosBertConfig(**fields)
+
+
+def tiny_gpt_config(position_embedding_type: str = "absolute", **overrides) -> RelPosGPTConfig:
+    """A two-layer, four-head decoder small enough for CPU tests; `overrides` replace any field."""
+    fields = dict(
+        position_embedding_type=position_embedding_type, vocab_size=99, n_embd=32, n_layer=2, n_head=4,
+        n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2,
+    )
+    fields.update(overrides)
+    return RelPosGPTConfig(**fields)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and do not stall when the cores are shared. Opt-in per module
+    (`pytestmark`): a module comparing with a subprocess bit for bit must keep the subprocess's thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

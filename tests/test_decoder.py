@@ -5,30 +5,17 @@ import inspect
 
 import pytest
 import torch
+from conftest import tiny_gpt_config
 
-from hf_relpos import POSITION_ENCODINGS, RelPosGPTConfig, RelPosGPTForCausalLM, RelPosGPTForSequenceClassification
+from hf_relpos import POSITION_ENCODINGS, RelPosGPTForCausalLM, RelPosGPTForSequenceClassification
 
 
 ENCODINGS = list(POSITION_ENCODINGS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and do not stall when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def tiny_gpt_config(position_embedding_type: str = "absolute", **overrides) -> RelPosGPTConfig:
-    fields = dict(
-        position_embedding_type=position_embedding_type, vocab_size=99, n_embd=32, n_layer=2, n_head=4,
-        n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2,
-    )
-    fields.update(overrides)
-    return RelPosGPTConfig(**fields)
 
 
 def tiny_lm(position_embedding_type: str, **overrides) -> RelPosGPTForCausalLM:

@@ -10,16 +10,12 @@ from hf_relpos import RelPosBertConfig, RelPosBertModel, RelPosGPTConfig, RelPos
 PAD, BOS, EOS = 0, 1, 2
 
 # EncoderDecoderModel warns on every training forward that its loss moved out of the decoder in v4.12.
-pytestmark = pytest.mark.filterwarnings("ignore:Version v4.12.0 introduces:FutureWarning")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and do not stall when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Version v4.12.0 introduces:FutureWarning"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 def seq2seq_model(encoder_encoding: str = "alibi", decoder_encoding: str = "rope") -> EncoderDecoderModel:

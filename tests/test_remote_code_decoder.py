@@ -9,8 +9,9 @@ import textwrap
 
 import pytest
 import torch
+from conftest import tiny_gpt_config
 
-from hf_relpos import POSITION_ENCODINGS, RelPosGPTConfig, RelPosGPTForCausalLM, RelPosGPTForSequenceClassification
+from hf_relpos import POSITION_ENCODINGS, RelPosGPTForCausalLM, RelPosGPTForSequenceClassification
 
 
 ENCODINGS = list(POSITION_ENCODINGS)
@@ -19,23 +20,9 @@ AUTO_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelFor
 NEW_TOKENS = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and do not stall when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def tiny_config(position_embedding_type: str, **overrides) -> RelPosGPTConfig:
-    fields = dict(
-        position_embedding_type=position_embedding_type, vocab_size=99, n_embd=32, n_layer=2, n_head=4,
-        n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2,
-    )
-    fields.update(overrides)
-    return RelPosGPTConfig(**fields)
 
 
 def perturb_(model: torch.nn.Module) -> None:
@@ -98,7 +85,7 @@ def saved_tree(tmp_path_factory):
     reference = {"causal_lm": {}}
     for name in ENCODINGS:
         torch.manual_seed(0)
-        model = RelPosGPTForCausalLM(tiny_config(name)).eval()
+        model = RelPosGPTForCausalLM(tiny_gpt_config(name)).eval()
         perturb_(model)
         model.save_pretrained(root / name)
         with torch.no_grad():
@@ -108,7 +95,7 @@ def saved_tree(tmp_path_factory):
         )
         reference["causal_lm"][name] = {"ids": ids, "mask": mask, "logits": logits, "tokens": tokens, "new": NEW_TOKENS}
     torch.manual_seed(0)
-    classifier = RelPosGPTForSequenceClassification(tiny_config("t5", num_labels=3)).eval()
+    classifier = RelPosGPTForSequenceClassification(tiny_gpt_config("t5", num_labels=3)).eval()
     perturb_(classifier)
     classifier.save_pretrained(root / "classifier_t5")
     with torch.no_grad():
