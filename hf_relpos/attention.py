@@ -152,13 +152,150 @@ def flex_attention_forward(
     return output.transpose(1, 2).contiguous(), None
 
 
+class QueryBlockedAttention(torch.autograd.Function):
+    """`softmax(q k^T * scaling + bias + mask) v` over blocks of queries, for a bias that needs a gradient.
+
+    Each block reads its rows of the bias from the encoding's small tables (`bias_rows`), so no
+    `[batch, heads, q_len, k_len]` bias, score or gradient is ever held whole: forward keeps one block's scores at a
+    time, backward recomputes them and reduces the score gradient `dS = P * (dP - rowsum(dO * O))` into the tables
+    block by block (Milakov & Gimelshein 2018; Dao et al. 2022, with full rows instead of an online softmax).
+    Dropout masks are regenerated in backward from one seed per call.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, bias_rows, scaling, dropout, causal, block_size, *tables):
+        seed = int(torch.randint(2**62, ())) if dropout > 0.0 else 0
+        scaled_query = query * scaling
+        output = torch.empty_like(query)
+        for rows in query_blocks(query.shape[2], block_size):
+            probabilities = block_probabilities(scaled_query, key, mask, bias_rows(tables, rows), causal, rows)
+            output[:, :, rows] = torch.matmul(block_dropout(probabilities, dropout, seed, rows), value)
+        ctx.save_for_backward(query, key, value, mask, output, *tables)
+        ctx.options = bias_rows, scaling, dropout, causal, block_size, seed
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, mask, output, *tables = ctx.saved_tensors
+        bias_rows, scaling, dropout, causal, block_size, seed = ctx.options
+        scaled_query = query * scaling
+        grad_query, grad_key, grad_value = torch.empty_like(query), torch.zeros_like(key), torch.zeros_like(value)
+        needs_grad = ctx.needs_input_grad[9:]
+        wanted = [table.detach().requires_grad_(needs) for table, needs in zip(tables, needs_grad, strict=True)]
+        differentiable = [table for table in wanted if table.requires_grad]
+        grad_tables = [torch.zeros_like(table) for table in differentiable]
+        # rowsum(dO * O) = rowsum(dP * P): the softmax backward's correction term, one value per query.
+        correction = (grad_output * output).sum(-1, keepdim=True)
+        for rows in query_blocks(query.shape[2], block_size):
+            with torch.enable_grad():
+                bias = bias_rows(wanted, rows)
+            probabilities = block_probabilities(scaled_query, key, mask, bias.detach(), causal, rows)
+            block_grad_output = grad_output[:, :, rows]
+            grad_value += torch.matmul(block_dropout(probabilities, dropout, seed, rows).transpose(-1, -2),
+                                       block_grad_output)
+            grad_scores = block_dropout(torch.matmul(block_grad_output, value.transpose(-1, -2)), dropout, seed, rows)
+            grad_scores.sub_(correction[:, :, rows]).mul_(probabilities)
+            grad_query[:, :, rows] = torch.matmul(grad_scores, key).mul_(scaling)
+            grad_key += torch.matmul(grad_scores.transpose(-1, -2), scaled_query[:, :, rows])
+            if differentiable:
+                grads = torch.autograd.grad(bias, differentiable, grad_scores.sum_to_size(bias.shape),
+                                            allow_unused=True)
+                for total, grad in zip(grad_tables, grads, strict=True):
+                    if grad is not None:
+                        total += grad
+        grad_tables = iter(grad_tables)
+        table_grads = [next(grad_tables) if table.requires_grad else None for table in wanted]
+        return grad_query, grad_key, grad_value, None, None, None, None, None, None, *table_grads
+
+
+def query_blocks(length: int, block_size: int) -> list[slice]:
+    """Slices of `block_size` consecutive queries covering `length`."""
+    return [slice(start, min(start + block_size, length)) for start in range(0, length, block_size)]
+
+
+def block_probabilities(
+    scaled_query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, bias: torch.Tensor, causal: bool,
+    rows: slice,
+) -> torch.Tensor:
+    """Softmax probabilities `[batch, heads, len(rows), k_len]` of the queries in `rows`, softmax in fp32 or wider:
+    `bias` is the block's, `mask` (bool or additive, or None) and `causal` apply to all queries."""
+    scores = torch.matmul(scaled_query[:, :, rows], key.transpose(-1, -2))
+    scores += bias.to(scores.dtype)
+    if mask is not None:
+        block_mask = mask[..., rows, :] if mask.shape[-2] > 1 else mask
+        if block_mask.dtype == torch.bool:
+            scores.masked_fill_(~block_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores += block_mask
+    elif causal:
+        offset = key.shape[2] - scaled_query.shape[2]
+        queries = torch.arange(rows.start, rows.stop, device=key.device)[:, None]
+        scores.masked_fill_(torch.arange(key.shape[2], device=key.device) > queries + offset,
+                            torch.finfo(scores.dtype).min)
+    probabilities = nn.functional.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    # Probabilities below ~1e-19 are zeroed: far keys under a steep bias (ALiBi) otherwise leave denormal floats,
+    # which make every matmul that reads them (P v, P^T dO, dS k, dS^T q) several times slower on x86 CPUs.
+    probabilities.masked_fill_(probabilities < DENORMAL_GUARD, 0.0)
+    return probabilities.to(scaled_query.dtype)
+
+
+DENORMAL_GUARD = torch.finfo(torch.float32).tiny ** 0.5
+
+
+def block_dropout(probabilities: torch.Tensor, dropout: float, seed: int, rows: slice) -> torch.Tensor:
+    """Dropout whose mask is a function of `(seed, rows)`, so backward regenerates the mask forward used."""
+    if dropout == 0.0:
+        return probabilities
+    generator = torch.Generator(device=probabilities.device).manual_seed(seed + rows.start)
+    keep = torch.rand(probabilities.shape, generator=generator, device=probabilities.device) >= dropout
+    return probabilities * keep / (1.0 - dropout)
+
+
 # Kernels that apply a position bias: a dense `position_bias` (eager, sdpa) or a `score_mod` (flex).
 BIAS_KERNELS = ("eager", "sdpa", "flex_attention")
 
 
-def uses_score_mod(config) -> bool:
-    """Whether the configured kernel takes the bias as a `score_mod` (so no dense bias should be built)."""
-    return config._attn_implementation == "flex_attention"
+def dense_bias(config, encoding: PositionEncoding, device: torch.device) -> bool:
+    """Whether the configured kernel reads the encoding's bias as a dense `[q_len, k_len]` tensor (so `prepare`
+    builds one): not flex attention (a `score_mod`), and not sdpa when it runs `QueryBlockedAttention` (CPU with
+    autograd on: torch's CPU sdpa gives a bias no gradient without its `[q_len, k_len]` math path, and its fused
+    backward with any float mask is several times slower than without)."""
+    implementation = config._attn_implementation
+    if implementation == "flex_attention":
+        return False
+    blocked = implementation == "sdpa" and device.type == "cpu" and torch.is_grad_enabled() and encoding.has_bias
+    return not blocked
+
+
+def query_blocked_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    encoding: PositionEncoding,
+    state: PositionState,
+    scaling: float,
+    dropout: float = 0.0,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """sdpa's contract (`[batch, q_len, heads, d]`, no weights, causal when no mask is given) computed by
+    `QueryBlockedAttention` with the bias rows of `encoding`."""
+    tables = encoding.bias_tables(query, key, state, module.layer_idx)
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = query.shape[2] > 1 and attention_mask is None and is_causal
+    # About 8 MiB of fp32 scores per block: big enough for BLAS, small enough for cache and memory.
+    block_size = max(16, 2**21 // (query.shape[0] * query.shape[1] * key.shape[2]))
+
+    def bias_rows(tables, rows):
+        return encoding.bias_rows(tables, state, rows)
+
+    output = QueryBlockedAttention.apply(
+        query, key, value, attention_mask, bias_rows, scaling, dropout if module.training else 0.0, causal,
+        block_size, *tables,
+    )
+    return output.transpose(1, 2).contiguous(), None
 
 
 def resolve_kernel(implementation: str | None, encoding: type[PositionEncoding] | PositionEncoding | None) -> str:
@@ -202,9 +339,13 @@ def attention_forward(
         scaling = scale * encoding.scaling(query.shape[-1])
         if implementation == "flex_attention":
             kwargs["score_mod"] = encoding.score_mod(query, key, state, module.layer_idx)
+        elif implementation == "sdpa" and encoding.has_bias and not state.dense:
+            return query_blocked_attention_forward(
+                module, query, key, value, attention_mask, encoding, state, scaling, dropout, **kwargs
+            )
         elif (bias := encoding.bias(query, key, state, module.layer_idx)) is not None:
             kwargs["position_bias"] = bias
-    if implementation == "flex_attention":  # the one kernel that takes a `score_mod`: see `uses_score_mod`
+    if implementation == "flex_attention":  # the one kernel that takes a `score_mod`: see `dense_bias`
         interface = flex_attention_forward
     else:
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)

@@ -40,18 +40,54 @@ class PositionState:
 
     `query_positions` is `[batch, q_len]`, `key_positions` is `[batch, k_len]` (cached keys included);
     `tables` holds scheme-specific tensors (rotary cos/sin, a shared bias, gather indices); `dtype` is the model's
-    compute dtype.
+    compute dtype; `dense` says whether `[q_len, k_len]` tables were built (a kernel that reads a dense bias) or not
+    (one that reads `score_mod` or `bias_rows`).
     """
 
     query_positions: torch.Tensor
     key_positions: torch.Tensor
     tables: dict[str, torch.Tensor] = field(default_factory=dict)
     dtype: torch.dtype = torch.float32
+    dense: bool = True
 
 
-def relative_distance(state: PositionState) -> torch.Tensor:
-    """`j - i` for every query `i` and key `j`: `[batch, q_len, k_len]`."""
-    return state.key_positions[:, None, :] - state.query_positions[:, :, None]
+def relative_distance(state: PositionState, rows: slice = slice(None)) -> torch.Tensor:
+    """`j - i` for the queries `i` in `rows` and every key `j`: `[batch, len(rows), k_len]`."""
+    return state.key_positions[:, None, :] - state.query_positions[:, rows, None]
+
+
+def uniform_offset(state: PositionState) -> int | None:
+    """`c` such that `j - i = (key index) - (query index) + c` for every pair in the batch (consecutive positions,
+    the same start in every row), or None."""
+    query_positions, key_positions = state.query_positions, state.key_positions
+    offset = key_positions[:, :1] - query_positions[:, :1]
+    steps = (key_positions - key_positions[:, :1] == torch.arange(key_positions.shape[1], device=offset.device)).all()
+    steps &= (query_positions - query_positions[:, :1] == torch.arange(query_positions.shape[1],
+                                                                        device=offset.device)).all()
+    return int(offset[0]) if bool(steps & (offset == offset[0]).all()) else None
+
+
+class DiagonalRows(torch.autograd.Function):
+    """`out[h, r, j] = table[h, start - r + j]`: `rows` rows and `cols` columns of the Toeplitz matrix whose
+    diagonals are `table` `[heads, n]`. Both directions are copies and a sum: backward adds the gradient along
+    diagonals through a strided view, without an index tensor."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, start: int, rows: int, cols: int) -> torch.Tensor:
+        ctx.shape, ctx.first = table.shape, start - rows + 1
+        return table.unfold(-1, cols, 1)[:, ctx.first : start + 1].contiguous().flip(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        heads, rows, cols = grad.shape
+        width = rows + cols - 1
+        # Row r of the gradient lands at columns (rows - 1 - r) .. of its own row of `shifted`: columns are then
+        # the table index minus `first`, and a sum over rows adds each diagonal.
+        shifted = grad.new_zeros(heads, rows, width)
+        shifted.as_strided((heads, rows, cols), (rows * width, width - 1, 1), rows - 1).copy_(grad)
+        grad_table = grad.new_zeros(ctx.shape)
+        grad_table[:, ctx.first : ctx.first + width] = shifted.sum(1)
+        return grad_table, None, None, None
 
 
 class PositionEncoding(nn.Module):
@@ -91,7 +127,7 @@ class PositionEncoding(nn.Module):
     ) -> PositionState:
         """Compute what all layers share for one forward; `[q_len, k_len]` tables only if `dense` (the kernel takes
         a dense bias rather than a `score_mod`)."""
-        return PositionState(query_positions, key_positions, dtype=dtype)
+        return PositionState(query_positions, key_positions, dtype=dtype, dense=dense)
 
     def rotate(
         self, query: torch.Tensor, key: torch.Tensor, state: PositionState
@@ -104,6 +140,21 @@ class PositionEncoding(nn.Module):
     ) -> torch.Tensor | None:
         """Dense additive score bias broadcastable to `[batch, heads, q_len, k_len]`, or None."""
         return None
+
+    def bias_tables(
+        self, query: torch.Tensor, key: torch.Tensor, state: PositionState, layer_idx: int
+    ) -> tuple[torch.Tensor, ...]:
+        """The small tensors the bias is read from (per-distance scores, parameters), with their autograd history:
+        `[heads, n]`, `[batch, heads, len, n]` or parameters, never `[q_len, k_len]`."""
+        return ()
+
+    def bias_rows(
+        self, tables: tuple[torch.Tensor, ...], state: PositionState, rows: slice = slice(None)
+    ) -> torch.Tensor:
+        """The dense bias of the queries in `rows`, `[batch or 1, heads, len(rows), k_len]`, from `bias_tables`.
+
+        A query-blocked kernel calls it once per block, differentiating it with respect to `tables`."""
+        raise NotImplementedError
 
     def score_mod(
         self, query: torch.Tensor, key: torch.Tensor, state: PositionState, layer_idx: int
@@ -280,7 +331,7 @@ class RotaryPositionEncoding(PositionEncoding):
 
     def prepare(self, query_positions, key_positions, dtype, dense=True) -> PositionState:
         cos, sin = self(torch.empty(0, dtype=dtype, device=query_positions.device), query_positions)
-        return PositionState(query_positions, key_positions, {"cos": cos, "sin": sin}, dtype)
+        return PositionState(query_positions, key_positions, {"cos": cos, "sin": sin}, dtype, dense)
 
     def rotate(
         self, query: torch.Tensor, key: torch.Tensor, state: PositionState
@@ -353,26 +404,52 @@ def relative_position_bucket(
 
 
 class StaticBiasEncoding(PositionEncoding):
-    """A bias that depends on positions only: computed once per forward and shared by every layer."""
+    """A bias that depends on positions only: computed once per forward and shared by every layer.
+
+    A scheme defines `distance_bias`, its bias at each distance `j - i`; the `[q_len, k_len]` bias is a gather from
+    that `[heads, 2D + 1]` table, so the scheme's own work (buckets, logs, an MLP) is linear in length.
+    """
 
     has_bias = True
 
-    def position_bias(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
-        """The bias `[batch, heads, q_len, k_len]` (or any broadcastable shape) for these positions."""
+    def distance_bias(self, distance: torch.Tensor, tables: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The bias `[heads, n]` at the distances `j - i` in `distance` `[n]` (fp32), from `tables`."""
         raise NotImplementedError
 
     def prepare(self, query_positions, key_positions, dtype, dense=True) -> PositionState:
-        state = PositionState(query_positions, key_positions, dtype=dtype)
+        state = PositionState(query_positions, key_positions, dtype=dtype, dense=dense)
         if dense:
             # Built in fp32 (distances of thousands of tokens), cast once for the kernel.
-            bias = self.position_bias(query_positions[:, :, None], key_positions[:, None, :])
-            state.tables["bias"] = bias.to(dtype)
+            state.tables["bias"] = self.bias_rows(self.bias_tables(None, None, state, 0), state).to(dtype)
         return state
 
     def bias(
         self, query: torch.Tensor, key: torch.Tensor, state: PositionState, layer_idx: int
     ) -> torch.Tensor | None:
         return state.tables["bias"]
+
+    def parameter_tables(self) -> tuple[torch.Tensor, ...]:
+        """The parameters `distance_bias` reads (passed explicitly so a blocked kernel can differentiate them)."""
+        return tuple(self.parameters())
+
+    def bias_tables(self, query, key, state, layer_idx) -> tuple[torch.Tensor, ...]:
+        # Distances span [-D, D]: the table's row `D + j - i` serves the pair (i, j).
+        query_positions, key_positions = state.query_positions, state.key_positions
+        reach = max(int(key_positions.max() - query_positions.min()), int(query_positions.max() - key_positions.min()))
+        distance = torch.arange(-reach, reach + 1, device=query_positions.device, dtype=torch.float32)
+        parameters = self.parameter_tables()
+        return (self.distance_bias(distance, parameters), *parameters)
+
+    def bias_rows(self, tables, state, rows=slice(None)) -> torch.Tensor:
+        distance_table = tables[0]
+        reach = (distance_table.shape[-1] - 1) // 2
+        offset = uniform_offset(state)
+        if offset is None:
+            return distance_table[:, relative_distance(state, rows) + reach].transpose(0, 1)
+        # Consecutive positions: the bias is Toeplitz, its rows are slices of the table (no index tensor).
+        first, stop, _ = rows.indices(state.query_positions.shape[1])
+        key_length = state.key_positions.shape[1]
+        return DiagonalRows.apply(distance_table, offset + reach - first, stop - first, key_length)[None]
 
     def score_mod(
         self, query: torch.Tensor, key: torch.Tensor, state: PositionState, layer_idx: int
@@ -414,8 +491,10 @@ class T5RelativeBias(StaticBiasEncoding):
             key_position - query_position, not self.causal, self.num_buckets, self.max_distance
         )
 
-    def position_bias(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
-        return self.relative_attention_bias[self.buckets(query_positions, key_positions)].movedim(-1, 1)
+    def distance_bias(self, distance, tables):
+        (weight,) = tables
+        return weight[relative_position_bucket(distance.long(), not self.causal, self.num_buckets,
+                                               self.max_distance)].T
 
     def head_bias(self, query_position, key_position, head, tables):
         return self.relative_attention_bias[self.buckets(query_position, key_position), head]
@@ -444,10 +523,8 @@ class ALiBiEncoding(StaticBiasEncoding):
 
     name = "alibi"
 
-    def position_bias(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
-        slopes = alibi_slopes(self.num_heads, query_positions.device)
-        distance = (key_positions - query_positions).abs().float()
-        return -slopes[:, None, None] * distance[:, None]
+    def distance_bias(self, distance, tables):
+        return -alibi_slopes(self.num_heads, distance.device)[:, None] * distance.abs()
 
     def score_tables(self, device):
         return {"slopes": alibi_slopes(self.num_heads, device)}
@@ -468,11 +545,12 @@ class KerpleEncoding(StaticBiasEncoding):
         self.bias_p = nn.Parameter(torch.empty(self.num_heads))
         self.bias_a = nn.Parameter(torch.empty(self.num_heads))
 
-    def position_bias(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
-        r1 = self.bias_p.clamp(min=self.eps)[:, None, None]
-        r2 = self.bias_a.clamp(min=self.eps)[:, None, None]
-        distance = (key_positions - query_positions).abs().float()[:, None]
-        return -r1 * torch.log1p(r2 * distance)
+    def parameter_tables(self):
+        return self.bias_p, self.bias_a
+
+    def distance_bias(self, distance, tables):
+        r1, r2 = (parameter.clamp(min=self.eps)[:, None] for parameter in tables)
+        return -r1 * torch.log1p(r2 * distance.abs())
 
     def head_bias(self, query_position, key_position, head, tables):
         r1 = self.bias_p.clamp(min=self.eps)[head]
@@ -501,34 +579,44 @@ class FireEncoding(StaticBiasEncoding):
         self.c = nn.Parameter(torch.empty(()))
         self.threshold = nn.Parameter(torch.empty(()))
 
-    def normalized_distance(self, query_position: torch.Tensor, key_position: torch.Tensor) -> torch.Tensor:
-        c = self.c.abs()
+    def normalized_distance(self, query_position: torch.Tensor, key_position: torch.Tensor, c: torch.Tensor,
+                            threshold: torch.Tensor) -> torch.Tensor:
+        """`psi(|j - i|) / psi(max(L, i))`, elementwise; `c` and `threshold` (`L`) as learned (signs dropped)."""
+        c = c.abs()
         distance = (key_position - query_position).abs().float()
-        reference = torch.maximum(query_position.float(), self.threshold.abs())
+        reference = torch.maximum(query_position.float(), threshold.abs())
         return torch.log1p(c * distance) / torch.log1p(c * reference)
 
-    def f(self, x: torch.Tensor) -> torch.Tensor:
-        """The MLP `[..., 1] -> [..., heads]`, in fp32 whatever the model's dtype (its input is a ratio of logs)."""
+    def parameter_tables(self):
         first, last = self.mlp[0], self.mlp[2]
-        hidden = torch.relu(nn.functional.linear(x, first.weight.float(), first.bias.float()))
-        return nn.functional.linear(hidden, last.weight.float(), last.bias.float())
+        return self.c, self.threshold, first.weight, first.bias, last.weight, last.bias
 
-    def position_bias(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
-        # Queries before the threshold share the normaliser psi(L), so their bias is a function of the distance
-        # alone: f runs once per distance, not once per (query, key) pair. Only queries past L need every pair.
-        distance = (key_positions - query_positions).abs()
-        c, threshold = self.c.abs(), self.threshold.abs()
-        distances = torch.arange(int(distance.max()) + 1, device=distance.device, dtype=torch.float32)
-        bias = self.f((torch.log1p(c * distances) / torch.log1p(c * threshold))[:, None])[distance]
-        beyond = (query_positions.float() >= threshold).expand_as(distance)
+    def f(self, x: torch.Tensor, tables: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The MLP `[..., 1] -> [..., heads]`, in fp32 whatever the model's dtype (its input is a ratio of logs)."""
+        weight1, bias1, weight2, bias2 = (t.float() for t in tables[2:])
+        return nn.functional.linear(torch.relu(nn.functional.linear(x, weight1, bias1)), weight2, bias2)
+
+    def distance_bias(self, distance, tables):
+        # Queries before the threshold share the normaliser psi(L): their bias is a function of the distance alone.
+        c, threshold = tables[0].abs(), tables[1].abs()
+        return self.f((torch.log1p(c * distance.abs()) / torch.log1p(c * threshold))[:, None], tables).T
+
+    def bias_rows(self, tables, state, rows=slice(None)):
+        # Only queries past the threshold need f at every (query, key) pair.
+        parameters = tables[1:]
+        bias = super().bias_rows(tables[:1], state, rows)
+        query_positions = state.query_positions[:, rows, None]
+        beyond = (query_positions.float() >= parameters[1].abs()).expand(-1, -1, bias.shape[-1])
         if beyond.any():
-            x = self.normalized_distance(query_positions.expand_as(distance), key_positions.expand_as(distance))
-            bias = bias.masked_scatter(beyond[..., None].expand_as(bias), self.f(x[beyond][:, None]))
-        return bias.movedim(-1, 1)
+            key_positions = state.key_positions[:, None, :].expand_as(beyond)
+            x = self.normalized_distance(query_positions.expand_as(beyond)[beyond], key_positions[beyond],
+                                         *parameters[:2])
+            bias = bias.movedim(1, -1).masked_scatter(beyond[..., None], self.f(x[:, None], parameters)).movedim(-1, 1)
+        return bias
 
     def head_bias(self, query_position, key_position, head, tables):
         # `f` unrolled over its hidden units: a score_mod sees one (query, key, head) at a time.
-        x = self.normalized_distance(query_position, key_position)
+        x = self.normalized_distance(query_position, key_position, self.c, self.threshold)
         first, last = self.mlp[0], self.mlp[2]
         out = last.bias.float()[head]
         for unit in range(first.out_features):
@@ -579,7 +667,7 @@ class RelativeKeyEncoding(PositionEncoding):
         )
 
     def prepare(self, query_positions, key_positions, dtype, dense=True) -> PositionState:
-        state = PositionState(query_positions, key_positions, dtype=dtype)
+        state = PositionState(query_positions, key_positions, dtype=dtype, dense=dense)
         if dense:
             k = self.max_distance
             state.tables["index"] = relative_distance(state).clamp(-k, k) + k
@@ -593,17 +681,32 @@ class RelativeKeyEncoding(PositionEncoding):
         key_scores = torch.matmul(key, table.T) * scale if self.uses_keys else None
         return query_scores, key_scores
 
+    def relative_index(self, state: PositionState, rows: slice = slice(None)) -> torch.Tensor:
+        """Rows of the table, `clip(j - i, k) + k`, for the queries in `rows`: `[batch, len(rows), k_len]`."""
+        if "index" in state.tables:
+            return state.tables["index"][:, rows]
+        k = self.max_distance
+        return relative_distance(state, rows).clamp(-k, k) + k
+
+    def bias_tables(self, query, key, state, layer_idx):
+        query_scores, key_scores = self.distance_scores(query, key, layer_idx)
+        return (query_scores,) if key_scores is None else (query_scores, key_scores)
+
+    def bias_rows(self, tables, state, rows=slice(None)):
+        index = self.relative_index(state, rows)
+        bias = gather_relative(tables[0][:, :, rows], index)
+        if self.uses_keys:
+            bias = bias + gather_relative_keys(tables[1], index)
+        return bias
+
     def bias(self, query, key, state, layer_idx):
-        index = state.tables["index"]
-        table = self.distance_embedding[layer_idx].weight.to(query.dtype)
-        scale = self.scaling(query.shape[-1])
-        bias = gather_relative(torch.matmul(query, table.T) * scale, index)
+        table = self.distance_embedding[layer_idx].weight
         if self.uses_keys and query.shape[2] < table.shape[0]:
             # Few queries (a decode step): `k_j . r` for the pairs present, not every cached key against every row.
-            bias = bias + torch.einsum("bhkd,bqkd->bhqk", key, table[index]) * scale
-        elif self.uses_keys:
-            bias = bias + gather_relative_keys(torch.matmul(key, table.T) * scale, index)
-        return bias
+            table, scale, index = table.to(query.dtype), self.scaling(query.shape[-1]), self.relative_index(state)
+            bias = gather_relative(torch.matmul(query, table.T) * scale, index)
+            return bias + torch.einsum("bhkd,bqkd->bhqk", key, table[index]) * scale
+        return self.bias_rows(self.bias_tables(query, key, state, layer_idx), state)
 
     def score_mod(self, query, key, state, layer_idx):
         query_scores, key_scores = self.distance_scores(query, key, layer_idx)
@@ -672,7 +775,7 @@ class DisentangledEncoding(PositionEncoding):
         return (3 * head_dim) ** -0.5
 
     def prepare(self, query_positions, key_positions, dtype, dense=True) -> PositionState:
-        state = PositionState(query_positions, key_positions, dtype=dtype)
+        state = PositionState(query_positions, key_positions, dtype=dtype, dense=dense)
         if dense:
             state.tables["index"] = self.distance_index(query_positions[:, :, None], key_positions[:, None, :])
         return state
@@ -712,10 +815,20 @@ class DisentangledEncoding(PositionEncoding):
         position_to_content = torch.matmul(key, pos_query.transpose(-1, -2)) * scale
         return content_to_position, position_to_content
 
+    def bias_tables(self, query, key, state, layer_idx):
+        return self.distance_scores(query, key, layer_idx)
+
+    def bias_rows(self, tables, state, rows=slice(None)):
+        content_to_position, position_to_content = tables
+        if "index" in state.tables:
+            index = state.tables["index"][:, rows]
+        else:
+            index = self.distance_index(state.query_positions[:, rows, None], state.key_positions[:, None, :])
+        bias = gather_relative(content_to_position[:, :, rows], index)
+        return bias + gather_relative_keys(position_to_content, index)
+
     def bias(self, query, key, state, layer_idx):
-        c2p, p2c = self.distance_scores(query, key, layer_idx)
-        index = state.tables["index"]
-        return gather_relative(c2p, index) + gather_relative_keys(p2c, index)
+        return self.bias_rows(self.bias_tables(query, key, state, layer_idx), state)
 
     def score_mod(self, query, key, state, layer_idx):
         c2p, p2c = self.distance_scores(query, key, layer_idx)

@@ -34,8 +34,8 @@ from .attention import (
     RelPosPreTrainedModel,
     attention_forward,
     check_attention_mask,
+    dense_bias,
     token_positions,
-    uses_score_mod,
 )
 from .configuration_relpos import RelPosBertConfig
 from .encodings import PositionEncoding, PositionState, build_position_encoding
@@ -195,9 +195,8 @@ class RelPosBertModel(RelPosBertPreTrainedModel):
         )
         hidden_states = self.embeddings(inputs_embeds, token_type_ids, query_positions)
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
-        state = self.position_encoding.prepare(
-            query_positions, key_positions, hidden_states.dtype, dense=not uses_score_mod(self.config)
-        )
+        dense = dense_bias(self.config, self.position_encoding, hidden_states.device)
+        state = self.position_encoding.prepare(query_positions, key_positions, hidden_states.dtype, dense=dense)
         hidden_states = self.encoder(hidden_states, mask, self.position_encoding, state, **kwargs)
         pooled = self.pooler(hidden_states) if self.pooler is not None else None
         return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=hidden_states, pooler_output=pooled)

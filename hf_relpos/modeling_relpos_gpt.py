@@ -31,8 +31,8 @@ from .attention import (
     RelPosPreTrainedModel,
     attention_forward,
     check_attention_mask,
+    dense_bias,
     token_positions,
-    uses_score_mod,
 )
 from .configuration_relpos import RelPosGPTConfig
 from .encodings import PositionEncoding, PositionState, build_position_encoding
@@ -243,9 +243,8 @@ class RelPosGPTModel(RelPosGPTPreTrainedModel):
                 config=self.config, inputs_embeds=inputs_embeds, attention_mask=encoder_attention_mask,
                 encoder_hidden_states=encoder_hidden_states,
             )
-        state = self.wpe.prepare(
-            query_positions, key_positions, hidden_states.dtype, dense=not uses_score_mod(self.config)
-        )
+        dense = dense_bias(self.config, self.wpe, hidden_states.device)
+        state = self.wpe.prepare(query_positions, key_positions, hidden_states.dtype, dense=dense)
         cache = past_key_values if not (self.gradient_checkpointing and self.training) else None
         for block in self.h:
             hidden_states = block(

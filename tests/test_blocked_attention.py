@@ -1,0 +1,221 @@
+"""The query-blocked CPU training kernel (sdpa with a bias under autograd): the same outputs and gradients as dense
+attention over the encoding's dense bias, and no `[q_len, k_len]` tensor kept for backward."""
+
+import pytest
+import torch
+from conftest import BIAS_ENCODINGS, ENCODER_ENCODINGS, tiny_bert_config, tiny_gpt_config
+from torch.autograd.graph import saved_tensors_hooks
+
+from hf_relpos import RelPosBertModel, RelPosGPTForCausalLM
+from hf_relpos.attention import QueryBlockedAttention, dense_bias
+from hf_relpos.encodings import DiagonalRows, build_position_encoding
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+LENGTH = 11
+ENCODER_BIAS_ENCODINGS = [name for name in BIAS_ENCODINGS if name in ENCODER_ENCODINGS]
+POSITIONS = {
+    # Every row counts 0, 1, ...: the static biases read Toeplitz rows straight from their distance table.
+    "consecutive": torch.arange(LENGTH).expand(2, -1),
+    # Left padding in the first row (three pads at position 0), as `token_positions` counts it: a gather.
+    "padded": torch.stack((torch.tensor([0, 0, 0, *range(LENGTH - 3)]), torch.arange(LENGTH))),
+}
+
+
+def random_encoding(name: str, causal: bool = False):
+    """The encoding in float64 with random parameters (FIRE's threshold at 4, so most queries are past it)."""
+    encoding = build_position_encoding(tiny_bert_config(position_embedding_type=name), causal).double()
+    with torch.no_grad():
+        for parameter in encoding.parameters():
+            parameter.copy_(torch.rand_like(parameter) + 0.1)
+        if name == "fire":
+            encoding.threshold.fill_(4.0)
+    return encoding
+
+
+def dense_attention(query, key, value, bias, mask):
+    """softmax(q k^T / sqrt(d) + bias, masked) v, written out."""
+    scores = query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5 + bias
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return scores.softmax(-1) @ value
+
+
+def blocked_attention(encoding, state, query, key, value, mask, block_size, dropout=0.0, causal=False):
+    tables = encoding.bias_tables(query, key, state, 0)
+    return QueryBlockedAttention.apply(
+        query, key, value, mask, lambda tables, rows: encoding.bias_rows(tables, state, rows),
+        query.shape[-1] ** -0.5, dropout, causal, block_size, *tables,
+    )
+
+
+def qkv(batch: int = 2, length: int = LENGTH):
+    return [torch.randn(batch, 4, length, 8, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+
+
+@pytest.mark.parametrize("positions", list(POSITIONS))
+@pytest.mark.parametrize("name", ENCODER_BIAS_ENCODINGS)
+def test_blocked_attention_equals_dense_attention_in_value_and_gradient(seed, name, positions):
+    encoding = random_encoding(name)
+    position_ids = POSITIONS[positions]
+    query, key, value = qkv()
+    mask = torch.ones(2, 1, LENGTH, LENGTH, dtype=torch.bool)
+    if positions == "padded":
+        mask[0, :, :, :3] = False
+    inputs = [query, key, value, *encoding.parameters()]
+
+    dense_state = encoding.prepare(position_ids, position_ids, torch.float64, dense=True)
+    expected = dense_attention(query, key, value, encoding.bias(query, key, dense_state, 0), mask)
+    expected_grads = torch.autograd.grad(expected.pow(2).sum(), inputs, materialize_grads=True)
+
+    state = encoding.prepare(position_ids, position_ids, torch.float64, dense=False)
+    output = blocked_attention(encoding, state, query, key, value, mask, block_size=3)
+    grads = torch.autograd.grad(output.pow(2).sum(), inputs, materialize_grads=True)
+
+    # FIRE's MLP runs in fp32 whatever the model's dtype: its parameter gradients carry fp32 rounding.
+    atol = 1e-5 if name == "fire" else 1e-8
+    torch.testing.assert_close(output, expected, rtol=1e-6, atol=1e-9)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=atol)
+
+
+def test_blocked_attention_without_a_mask_is_causal_when_asked(seed):
+    encoding = random_encoding("t5", causal=True)
+    positions = torch.arange(LENGTH)[None]
+    query, key, value = qkv(batch=1)
+    causal_mask = torch.ones(LENGTH, LENGTH, dtype=torch.bool).tril()
+    bias = encoding.bias(query, key, encoding.prepare(positions, positions, torch.float64, dense=True), 0)
+    expected = dense_attention(query, key, value, bias, causal_mask)
+
+    state = encoding.prepare(positions, positions, torch.float64, dense=False)
+    output = blocked_attention(encoding, state, query, key, value, None, block_size=4, causal=True)
+
+    torch.testing.assert_close(output, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_blocked_attention_dropout_backward_replays_the_forward_mask():
+    # One fixed seed per call makes the dropped function deterministic, so finite differences check its backward.
+    encoding = random_encoding("t5")
+    positions = torch.arange(LENGTH)[None]
+    state = encoding.prepare(positions, positions, torch.float64, dense=False)
+    torch.manual_seed(0)
+    query, key, value = qkv(batch=1)
+
+    def dropped(query, key, value, table):
+        torch.manual_seed(1)
+        return QueryBlockedAttention.apply(
+            query, key, value, None, lambda tables, rows: encoding.bias_rows(tables, state, rows), 0.3, 0.25,
+            False, 4, table,
+        )
+
+    table = encoding.bias_tables(query, key, state, 0)[0].detach().requires_grad_()
+    assert torch.autograd.gradcheck(dropped, (query, key, value, table))
+
+
+def test_blocked_attention_dropout_drops_a_quarter_of_the_weights():
+    torch.manual_seed(0)
+    length = 64
+    value = torch.eye(length, dtype=torch.float64)[None, None].expand(1, 4, -1, -1)
+    query = torch.zeros(1, 4, length, length, dtype=torch.float64)
+    output = QueryBlockedAttention.apply(
+        query, query, value, None, lambda tables, rows: torch.zeros(()), 1.0, 0.25, False, 16,
+    )
+    # Uniform weights 1/L, each kept with probability 3/4 and rescaled by 4/3.
+    assert set(output.unique().tolist()) == {0.0, 4 / 3 / length}
+    assert (output == 0).double().mean().item() == pytest.approx(0.25, abs=0.02)
+
+
+def test_diagonal_rows_reads_a_toeplitz_matrix_and_sums_its_gradient_along_diagonals():
+    table = torch.randn(3, 20, dtype=torch.float64, requires_grad=True)
+    start, rows, cols = 12, 5, 8
+    expected = torch.stack([table[:, start - r : start - r + cols] for r in range(rows)], dim=1)
+
+    assert torch.equal(DiagonalRows.apply(table, start, rows, cols), expected)
+    assert torch.autograd.gradcheck(lambda t: DiagonalRows.apply(t, start, rows, cols), (table,))
+
+
+def shapes_saved_for_backward(model, input_ids) -> list[tuple[int, ...]]:
+    """Shapes of the tensors the forward keeps for backward (what a training step holds at its peak)."""
+    shapes = []
+
+    def pack(tensor):
+        shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with saved_tensors_hooks(pack, lambda tensor: tensor):
+        hidden = model(input_ids=input_ids).last_hidden_state
+    hidden.sum().backward()
+    return shapes
+
+
+@pytest.mark.parametrize("name", ["t5", "relative_key", "deberta"])
+def test_sdpa_training_on_cpu_keeps_no_query_by_key_tensor_for_backward(seed, name):
+    length = 48
+    model = RelPosBertModel._from_config(
+        tiny_bert_config(position_embedding_type=name), attn_implementation="sdpa"
+    ).train()
+    input_ids = torch.randint(1, 99, (2, length))
+    shapes = shapes_saved_for_backward(model, input_ids)
+    assert not [shape for shape in shapes if shape[-2:] == (length, length)]
+
+
+def test_eager_training_keeps_query_by_key_tensors_for_backward(seed):
+    # The check above can fail: the dense reference kernel does keep its scores.
+    length = 48
+    model = RelPosBertModel._from_config(
+        tiny_bert_config(position_embedding_type="t5"), attn_implementation="eager"
+    ).train()
+    input_ids = torch.randint(1, 99, (2, length))
+    shapes = shapes_saved_for_backward(model, input_ids)
+    assert [shape for shape in shapes if shape[-2:] == (length, length)]
+
+
+@pytest.mark.parametrize("name", ENCODER_BIAS_ENCODINGS)
+def test_encoder_sdpa_training_step_equals_eager_in_loss_and_gradients(seed, name):
+    config = tiny_bert_config(position_embedding_type=name)
+    eager = RelPosBertModel._from_config(config, attn_implementation="eager").train()
+    sdpa = RelPosBertModel._from_config(config, attn_implementation="sdpa").train()
+    sdpa.load_state_dict(eager.state_dict())
+    input_ids = torch.randint(1, 99, (2, 9))
+    attention_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9])
+    losses = []
+    for model in (eager, sdpa):
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        loss = (hidden * attention_mask[..., None]).pow(2).mean()
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0])
+    for (parameter_name, want), got in zip(eager.named_parameters(), sdpa.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=parameter_name)
+
+
+@pytest.mark.parametrize("name", BIAS_ENCODINGS)
+def test_decoder_sdpa_training_step_equals_eager_in_loss_and_gradients(seed, name):
+    config = tiny_gpt_config(name)
+    eager = RelPosGPTForCausalLM._from_config(config, attn_implementation="eager").train()
+    sdpa = RelPosGPTForCausalLM._from_config(config, attn_implementation="sdpa").train()
+    sdpa.load_state_dict(eager.state_dict())
+    input_ids = torch.randint(3, 99, (2, 10))
+    losses = []
+    for model in (eager, sdpa):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0])
+    for (parameter_name, want), got in zip(eager.named_parameters(), sdpa.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=parameter_name)
+
+
+def test_sdpa_reads_a_dense_bias_except_when_training_on_cpu():
+    config = tiny_bert_config(position_embedding_type="alibi")
+    config._attn_implementation = "sdpa"
+    encoding = build_position_encoding(config, causal=False)
+    cpu = torch.device("cpu")
+    assert not dense_bias(config, encoding, cpu)
+    with torch.no_grad():
+        assert dense_bias(config, encoding, cpu)
+    assert dense_bias(config, encoding, torch.device("cuda"))
+    config._attn_implementation = "eager"
+    assert dense_bias(config, encoding, cpu)
+    config._attn_implementation = "flex_attention"
+    assert not dense_bias(config, encoding, cpu)
