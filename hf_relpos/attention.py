@@ -159,6 +159,7 @@ class QueryBlockedAttention(torch.autograd.Function):
     `[batch, heads, q_len, k_len]` bias, score or gradient is ever held whole: forward keeps one block's scores at a
     time, backward recomputes them and reduces the score gradient `dS = P * (dP - rowsum(dO * O))` into the tables
     block by block (Milakov & Gimelshein 2018; Dao et al. 2022, with full rows instead of an online softmax).
+    When all queries fit in one block the probabilities are kept for backward instead (no larger than a block).
     Dropout masks are regenerated in backward from one seed per call.
     """
 
@@ -167,16 +168,18 @@ class QueryBlockedAttention(torch.autograd.Function):
         seed = int(torch.randint(2**62, ())) if dropout > 0.0 else 0
         scaled_query = query * scaling
         output = torch.empty_like(query)
-        for rows in query_blocks(query.shape[2], block_size):
+        blocks = query_blocks(query.shape[2], block_size)
+        for rows in blocks:
             probabilities = block_probabilities(scaled_query, key, mask, bias_rows(tables, rows), causal, rows)
             output[:, :, rows] = torch.matmul(block_dropout(probabilities, dropout, seed, rows), value)
-        ctx.save_for_backward(query, key, value, mask, output, *tables)
+        kept = probabilities if len(blocks) == 1 else None
+        ctx.save_for_backward(query, key, value, mask, output, kept, *tables)
         ctx.options = bias_rows, scaling, dropout, causal, block_size, seed
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        query, key, value, mask, output, *tables = ctx.saved_tensors
+        query, key, value, mask, output, kept, *tables = ctx.saved_tensors
         bias_rows, scaling, dropout, causal, block_size, seed = ctx.options
         scaled_query = query * scaling
         grad_query, grad_key, grad_value = torch.empty_like(query), torch.zeros_like(key), torch.zeros_like(value)
@@ -189,7 +192,10 @@ class QueryBlockedAttention(torch.autograd.Function):
         for rows in query_blocks(query.shape[2], block_size):
             with torch.enable_grad():
                 bias = bias_rows(wanted, rows)
-            probabilities = block_probabilities(scaled_query, key, mask, bias.detach(), causal, rows)
+            if kept is None:
+                probabilities = block_probabilities(scaled_query, key, mask, bias.detach(), causal, rows)
+            else:
+                probabilities = kept
             block_grad_output = grad_output[:, :, rows]
             grad_value += torch.matmul(block_dropout(probabilities, dropout, seed, rows).transpose(-1, -2),
                                        block_grad_output)
@@ -206,6 +212,10 @@ class QueryBlockedAttention(torch.autograd.Function):
         grad_tables = iter(grad_tables)
         table_grads = [next(grad_tables) if table.requires_grad else None for table in wanted]
         return grad_query, grad_key, grad_value, None, None, None, None, None, None, *table_grads
+
+
+# Scores per block of queries (8 MiB in fp32): big enough for BLAS, small enough for cache and memory.
+BLOCK_SCORES = 2**21
 
 
 def query_blocks(length: int, block_size: int) -> list[slice]:
@@ -235,7 +245,7 @@ def block_probabilities(
     probabilities = nn.functional.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
     # Probabilities below ~1e-19 are zeroed: far keys under a steep bias (ALiBi) otherwise leave denormal floats,
     # which make every matmul that reads them (P v, P^T dO, dS k, dS^T q) several times slower on x86 CPUs.
-    probabilities.masked_fill_(probabilities < DENORMAL_GUARD, 0.0)
+    nn.functional.threshold_(probabilities, DENORMAL_GUARD, 0.0)
     return probabilities.to(scaled_query.dtype)
 
 
@@ -285,8 +295,7 @@ def query_blocked_attention_forward(
     tables = encoding.bias_tables(query, key, state, module.layer_idx)
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = query.shape[2] > 1 and attention_mask is None and is_causal
-    # About 8 MiB of fp32 scores per block: big enough for BLAS, small enough for cache and memory.
-    block_size = max(16, 2**21 // (query.shape[0] * query.shape[1] * key.shape[2]))
+    block_size = max(16, BLOCK_SCORES // (query.shape[0] * query.shape[1] * key.shape[2]))
 
     def bias_rows(tables, rows):
         return encoding.bias_rows(tables, state, rows)

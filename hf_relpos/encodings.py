@@ -596,23 +596,44 @@ class FireEncoding(StaticBiasEncoding):
         weight1, bias1, weight2, bias2 = (t.float() for t in tables[2:])
         return nn.functional.linear(torch.relu(nn.functional.linear(x, weight1, bias1)), weight2, bias2)
 
+    def f_pieces(self, tables: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`f` as the piecewise-linear function it is (a ReLU MLP of a scalar): the sorted breakpoints `-b1/w1`
+        `[width]`, and per interval between them the slope and intercept `[width + 1, heads]`, so that
+        `f(x) = slope[k] x + intercept[k]` with `k = searchsorted(breakpoints, x)`. Exact, differentiable in the
+        MLP's parameters (the ReLU pattern of each interval is fixed), and one gather per pair instead of a hidden
+        layer per pair."""
+        weight1, bias1, weight2, bias2 = (t.float() for t in tables[2:])
+        slope, offset = weight1[:, 0], bias1
+        with torch.no_grad():
+            breakpoints = torch.where(slope != 0, -offset / slope, torch.inf).sort().values
+            finite = breakpoints[breakpoints.isfinite()]
+            # Past the last finite breakpoint the ReLU pattern no longer changes: any point there represents it.
+            last = finite.max() + 1 if finite.numel() else breakpoints.new_ones(())
+            first = finite.min() - 1 if finite.numel() else breakpoints.new_zeros(())
+            edges = torch.cat((first[None], torch.where(breakpoints.isfinite(), breakpoints, last), last[None] + 1))
+            active = (slope * ((edges[:-1] + edges[1:]) / 2)[:, None] + offset) > 0
+        slopes = (active * slope) @ weight2.T
+        intercepts = (active * offset) @ weight2.T + bias2
+        return breakpoints, slopes, intercepts
+
     def distance_bias(self, distance, tables):
         # Queries before the threshold share the normaliser psi(L): their bias is a function of the distance alone.
         c, threshold = tables[0].abs(), tables[1].abs()
         return self.f((torch.log1p(c * distance.abs()) / torch.log1p(c * threshold))[:, None], tables).T
 
     def bias_rows(self, tables, state, rows=slice(None)):
-        # Only queries past the threshold need f at every (query, key) pair.
         parameters = tables[1:]
         bias = super().bias_rows(tables[:1], state, rows)
-        query_positions = state.query_positions[:, rows, None]
-        beyond = (query_positions.float() >= parameters[1].abs()).expand(-1, -1, bias.shape[-1])
-        if beyond.any():
-            key_positions = state.key_positions[:, None, :].expand_as(beyond)
-            x = self.normalized_distance(query_positions.expand_as(beyond)[beyond], key_positions[beyond],
-                                         *parameters[:2])
-            bias = bias.movedim(1, -1).masked_scatter(beyond[..., None], self.f(x[:, None], parameters)).movedim(-1, 1)
-        return bias
+        query_positions = state.query_positions[:, rows]
+        beyond = query_positions.float() >= parameters[1].abs()
+        if not beyond.any():
+            return bias
+        # Past the threshold each query has its own normaliser psi(i): f at every pair of these rows, by its pieces.
+        x = self.normalized_distance(query_positions[:, :, None], state.key_positions[:, None, :], *parameters[:2])
+        breakpoints, slopes, intercepts = self.f_pieces(parameters)
+        piece = torch.searchsorted(breakpoints, x.detach())
+        values = (slopes.T[:, piece] * x + intercepts.T[:, piece]).transpose(0, 1)
+        return torch.where(beyond[:, None, :, None], values, bias)
 
     def head_bias(self, query_position, key_position, head, tables):
         # `f` unrolled over its hidden units: a score_mod sees one (query, key, head) at a time.

@@ -7,7 +7,7 @@ from conftest import BIAS_ENCODINGS, ENCODER_ENCODINGS, tiny_bert_config, tiny_g
 from torch.autograd.graph import saved_tensors_hooks
 
 from hf_relpos import RelPosBertModel, RelPosGPTForCausalLM
-from hf_relpos.attention import QueryBlockedAttention, dense_bias
+from hf_relpos.attention import BLOCK_SCORES, QueryBlockedAttention, dense_bias
 from hf_relpos.encodings import DiagonalRows, build_position_encoding
 
 
@@ -96,10 +96,10 @@ def test_blocked_attention_without_a_mask_is_causal_when_asked(seed):
 def test_blocked_attention_dropout_backward_replays_the_forward_mask():
     # One fixed seed per call makes the dropped function deterministic, so finite differences check its backward.
     encoding = random_encoding("t5")
-    positions = torch.arange(LENGTH)[None]
+    positions = torch.arange(6)[None]
     state = encoding.prepare(positions, positions, torch.float64, dense=False)
     torch.manual_seed(0)
-    query, key, value = qkv(batch=1)
+    query, key, value = qkv(batch=1, length=6)
 
     def dropped(query, key, value, table):
         torch.manual_seed(1)
@@ -148,9 +148,14 @@ def shapes_saved_for_backward(model, input_ids) -> list[tuple[int, ...]]:
     return shapes
 
 
+# Long enough for two blocks of queries (below one block the kernel keeps the block's probabilities).
+LONG = 600
+
+
 @pytest.mark.parametrize("name", ["t5", "relative_key", "deberta"])
 def test_sdpa_training_on_cpu_keeps_no_query_by_key_tensor_for_backward(seed, name):
-    length = 48
+    length = LONG
+    assert 2 * 4 * length * length > BLOCK_SCORES
     model = RelPosBertModel._from_config(
         tiny_bert_config(position_embedding_type=name), attn_implementation="sdpa"
     ).train()
@@ -161,7 +166,7 @@ def test_sdpa_training_on_cpu_keeps_no_query_by_key_tensor_for_backward(seed, na
 
 def test_eager_training_keeps_query_by_key_tensors_for_backward(seed):
     # The check above can fail: the dense reference kernel does keep its scores.
-    length = 48
+    length = LONG
     model = RelPosBertModel._from_config(
         tiny_bert_config(position_embedding_type="t5"), attn_implementation="eager"
     ).train()

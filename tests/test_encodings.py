@@ -212,6 +212,26 @@ def test_fire_bias_is_mlp_of_log_normalised_distance(seed):
     torch.testing.assert_close(got.expand_as(expected), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_fire_piecewise_linear_form_equals_its_mlp_in_value_and_gradient(seed):
+    encoding, _ = make_encoding("fire", fire_mlp_width=16)
+    with torch.no_grad():
+        encoding.mlp[0].weight[:3] = 0.0  # units whose ReLU does not depend on x: constant or off
+    x = torch.linspace(-3.0, 3.0, 601, requires_grad=True)
+    mlp = encoding.mlp[0], encoding.mlp[2]
+    parameters = [x, *(p for layer in mlp for p in layer.parameters())]
+
+    expected = mlp[1](torch.relu(mlp[0](x[:, None])))
+    breakpoints, slopes, intercepts = encoding.f_pieces(encoding.parameter_tables())
+    piece = torch.searchsorted(breakpoints, x.detach())
+    got = slopes[piece] * x[:, None] + intercepts[piece]
+
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(expected)
+    for ours, theirs in zip(torch.autograd.grad((got * weights).sum(), parameters),
+                            torch.autograd.grad((expected * weights).sum(), parameters), strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # DeBERTa
 # ---------------------------------------------------------------------------------------------------------------
