@@ -265,16 +265,26 @@ def block_dropout(probabilities: torch.Tensor, dropout: float, seed: int, rows: 
 BIAS_KERNELS = ("eager", "sdpa", "flex_attention")
 
 
-def dense_bias(config, encoding: PositionEncoding, device: torch.device) -> bool:
-    """Whether the configured kernel reads the encoding's bias as a dense `[q_len, k_len]` tensor (so `prepare`
-    builds one): not flex attention (a `score_mod`), and not sdpa when it runs `QueryBlockedAttention` (CPU with
-    autograd on: torch's CPU sdpa gives a bias no gradient without its `[q_len, k_len]` math path, and its fused
-    backward with any float mask is several times slower than without)."""
-    implementation = config._attn_implementation
-    if implementation == "flex_attention":
+def blocked_training(config, encoding: PositionEncoding, device: torch.device) -> bool:
+    """Whether sdpa runs `QueryBlockedAttention`: a bias encoding under autograd on CPU, where torch's sdpa gives a
+    bias no gradient without its `[q_len, k_len]` math path, and its fused backward with any float mask is several
+    times slower than without one."""
+    return (config._attn_implementation == "sdpa" and encoding.has_bias and device.type == "cpu"
+            and torch.is_grad_enabled())
+
+
+def dense_bias(
+    config, encoding: PositionEncoding, query_positions: torch.Tensor, key_positions: torch.Tensor
+) -> bool:
+    """Whether the configured kernel reads the encoding's bias as a dense `[q_len, k_len]` tensor, so `prepare`
+    builds one: not flex attention (a `score_mod`), and not the query-blocked kernel unless every query fits in one
+    block (then the dense bias is small, and position-only schemes share it across layers)."""
+    if config._attn_implementation == "flex_attention":
         return False
-    blocked = implementation == "sdpa" and device.type == "cpu" and torch.is_grad_enabled() and encoding.has_bias
-    return not blocked
+    if blocked_training(config, encoding, query_positions.device):
+        batch, query_length = query_positions.shape
+        return batch * config.num_attention_heads * query_length * key_positions.shape[1] <= BLOCK_SCORES
+    return True
 
 
 def query_blocked_attention_forward(
@@ -291,15 +301,21 @@ def query_blocked_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """sdpa's contract (`[batch, q_len, heads, d]`, no weights, causal when no mask is given) computed by
-    `QueryBlockedAttention` with the bias rows of `encoding`."""
-    tables = encoding.bias_tables(query, key, state, module.layer_idx)
+    `QueryBlockedAttention` with the bias rows of `encoding` (or of its dense bias, when `prepare` built one)."""
+    if state.dense:
+        tables = (encoding.bias(query, key, state, module.layer_idx),)
+
+        def bias_rows(tables, rows):
+            return tables[0][..., rows, :]
+    else:
+        tables = encoding.bias_tables(query, key, state, module.layer_idx)
+
+        def bias_rows(tables, rows):
+            return encoding.bias_rows(tables, state, rows)
+
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = query.shape[2] > 1 and attention_mask is None and is_causal
     block_size = max(16, BLOCK_SCORES // (query.shape[0] * query.shape[1] * key.shape[2]))
-
-    def bias_rows(tables, rows):
-        return encoding.bias_rows(tables, state, rows)
-
     output = QueryBlockedAttention.apply(
         query, key, value, attention_mask, bias_rows, scaling, dropout if module.training else 0.0, causal,
         block_size, *tables,
@@ -348,7 +364,7 @@ def attention_forward(
         scaling = scale * encoding.scaling(query.shape[-1])
         if implementation == "flex_attention":
             kwargs["score_mod"] = encoding.score_mod(query, key, state, module.layer_idx)
-        elif implementation == "sdpa" and encoding.has_bias and not state.dense:
+        elif implementation == "sdpa" and (not state.dense or blocked_training(module.config, encoding, query.device)):
             return query_blocked_attention_forward(
                 module, query, key, value, attention_mask, encoding, state, scaling, dropout, **kwargs
             )

@@ -195,7 +195,7 @@ class RelPosBertModel(RelPosBertPreTrainedModel):
         )
         hidden_states = self.embeddings(inputs_embeds, token_type_ids, query_positions)
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
-        dense = dense_bias(self.config, self.position_encoding, hidden_states.device)
+        dense = dense_bias(self.config, self.position_encoding, query_positions, key_positions)
         state = self.position_encoding.prepare(query_positions, key_positions, hidden_states.dtype, dense=dense)
         hidden_states = self.encoder(hidden_states, mask, self.position_encoding, state, **kwargs)
         pooled = self.pooler(hidden_states) if self.pooler is not None else None

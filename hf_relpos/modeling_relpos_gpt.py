@@ -243,7 +243,7 @@ class RelPosGPTModel(RelPosGPTPreTrainedModel):
                 config=self.config, inputs_embeds=inputs_embeds, attention_mask=encoder_attention_mask,
                 encoder_hidden_states=encoder_hidden_states,
             )
-        dense = dense_bias(self.config, self.wpe, hidden_states.device)
+        dense = dense_bias(self.config, self.wpe, query_positions, key_positions)
         state = self.wpe.prepare(query_positions, key_positions, hidden_states.dtype, dense=dense)
         cache = past_key_values if not (self.gradient_checkpointing and self.training) else None
         for block in self.h:

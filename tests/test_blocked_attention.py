@@ -175,14 +175,16 @@ def test_eager_training_keeps_query_by_key_tensors_for_backward(seed):
     assert [shape for shape in shapes if shape[-2:] == (length, length)]
 
 
+@pytest.mark.parametrize("length", [9, LONG], ids=["one-block", "blocks"])
 @pytest.mark.parametrize("name", ENCODER_BIAS_ENCODINGS)
-def test_encoder_sdpa_training_step_equals_eager_in_loss_and_gradients(seed, name):
+def test_encoder_sdpa_training_step_equals_eager_in_loss_and_gradients(seed, name, length):
     config = tiny_bert_config(position_embedding_type=name)
     eager = RelPosBertModel._from_config(config, attn_implementation="eager").train()
     sdpa = RelPosBertModel._from_config(config, attn_implementation="sdpa").train()
     sdpa.load_state_dict(eager.state_dict())
-    input_ids = torch.randint(1, 99, (2, 9))
-    attention_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9])
+    input_ids = torch.randint(1, 99, (2, length))
+    attention_mask = torch.ones(2, length, dtype=torch.long)
+    attention_mask[0, :2] = 0
     losses = []
     for model in (eager, sdpa):
         hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -211,16 +213,17 @@ def test_decoder_sdpa_training_step_equals_eager_in_loss_and_gradients(seed, nam
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=parameter_name)
 
 
-def test_sdpa_reads_a_dense_bias_except_when_training_on_cpu():
+def test_sdpa_training_on_cpu_reads_a_dense_bias_only_when_one_block_holds_every_query():
     config = tiny_bert_config(position_embedding_type="alibi")
     config._attn_implementation = "sdpa"
     encoding = build_position_encoding(config, causal=False)
-    cpu = torch.device("cpu")
-    assert not dense_bias(config, encoding, cpu)
+    short, long = torch.arange(LENGTH)[None], torch.arange(LONG).expand(2, -1)
+    assert not dense_bias(config, encoding, long, long)
+    assert dense_bias(config, encoding, short, short)
     with torch.no_grad():
-        assert dense_bias(config, encoding, cpu)
-    assert dense_bias(config, encoding, torch.device("cuda"))
+        assert dense_bias(config, encoding, long, long)
+    assert dense_bias(config, encoding, long.to("meta"), long.to("meta"))  # not CPU: sdpa's own kernels
     config._attn_implementation = "eager"
-    assert dense_bias(config, encoding, cpu)
+    assert dense_bias(config, encoding, long, long)
     config._attn_implementation = "flex_attention"
-    assert not dense_bias(config, encoding, cpu)
+    assert not dense_bias(config, encoding, short, short)
