@@ -159,39 +159,42 @@ class QueryBlockedAttention(torch.autograd.Function):
     `[batch, heads, q_len, k_len]` bias, score or gradient is ever held whole: forward keeps one block's scores at a
     time, backward recomputes them and reduces the score gradient `dS = P * (dP - rowsum(dO * O))` into the tables
     block by block (Milakov & Gimelshein 2018; Dao et al. 2022, with full rows instead of an online softmax).
-    When all queries fit in one block the probabilities are kept for backward instead (no larger than a block).
-    Dropout masks are regenerated in backward from one seed per call.
+    The first `row_tables` tables are indexed by query on dim -2: `bias_rows` gets the block's slice of them, and
+    their gradient is written into that slice. When all queries fit in one block the probabilities are kept for
+    backward instead (no larger than a block). Dropout masks are regenerated in backward from one seed per call.
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, mask, bias_rows, scaling, dropout, causal, block_size, *tables):
+    def forward(ctx, query, key, value, mask, bias_rows, row_tables, scaling, dropout, causal, block_size, *tables):
         seed = int(torch.randint(2**62, ())) if dropout > 0.0 else 0
         scaled_query = query * scaling
         output = torch.empty_like(query)
         blocks = query_blocks(query.shape[2], block_size)
         for rows in blocks:
-            probabilities = block_probabilities(scaled_query, key, mask, bias_rows(tables, rows), causal, rows)
+            bias = bias_rows(block_tables(tables, row_tables, rows), rows)
+            probabilities = block_probabilities(scaled_query, key, mask, bias, causal, rows)
             output[:, :, rows] = torch.matmul(block_dropout(probabilities, dropout, seed, rows), value)
         kept = probabilities if len(blocks) == 1 else None
         ctx.save_for_backward(query, key, value, mask, output, kept, *tables)
-        ctx.options = bias_rows, scaling, dropout, causal, block_size, seed
+        ctx.options = bias_rows, row_tables, scaling, dropout, causal, block_size, seed
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
         query, key, value, mask, output, kept, *tables = ctx.saved_tensors
-        bias_rows, scaling, dropout, causal, block_size, seed = ctx.options
+        bias_rows, row_tables, scaling, dropout, causal, block_size, seed = ctx.options
         scaled_query = query * scaling
         grad_query, grad_key, grad_value = torch.empty_like(query), torch.zeros_like(key), torch.zeros_like(value)
-        needs_grad = ctx.needs_input_grad[9:]
-        wanted = [table.detach().requires_grad_(needs) for table, needs in zip(tables, needs_grad, strict=True)]
-        differentiable = [table for table in wanted if table.requires_grad]
-        grad_tables = [torch.zeros_like(table) for table in differentiable]
+        needs_grad = ctx.needs_input_grad[10:]
+        grad_tables = [torch.zeros_like(table) if needs else None
+                       for table, needs in zip(tables, needs_grad, strict=True)]
         # rowsum(dO * O) = rowsum(dP * P): the softmax backward's correction term, one value per query.
         correction = (grad_output * output).sum(-1, keepdim=True)
         for rows in query_blocks(query.shape[2], block_size):
+            leaves = [table.detach().requires_grad_(needs)
+                      for table, needs in zip(block_tables(tables, row_tables, rows), needs_grad, strict=True)]
             with torch.enable_grad():
-                bias = bias_rows(wanted, rows)
+                bias = bias_rows(leaves, rows)
             if kept is None:
                 probabilities = block_probabilities(scaled_query, key, mask, bias.detach(), causal, rows)
             else:
@@ -203,15 +206,20 @@ class QueryBlockedAttention(torch.autograd.Function):
             grad_scores.sub_(correction[:, :, rows]).mul_(probabilities)
             grad_query[:, :, rows] = torch.matmul(grad_scores, key).mul_(scaling)
             grad_key += torch.matmul(grad_scores.transpose(-1, -2), scaled_query[:, :, rows])
-            if differentiable:
-                grads = torch.autograd.grad(bias, differentiable, grad_scores.sum_to_size(bias.shape),
-                                            allow_unused=True)
-                for total, grad in zip(grad_tables, grads, strict=True):
+            if any(needs_grad):
+                wanted = [index for index, leaf in enumerate(leaves) if leaf.requires_grad]
+                grads = torch.autograd.grad(bias, [leaves[index] for index in wanted],
+                                            grad_scores.sum_to_size(bias.shape), allow_unused=True)
+                for index, grad in zip(wanted, grads, strict=True):
                     if grad is not None:
+                        total = grad_tables[index][..., rows, :] if index < row_tables else grad_tables[index]
                         total += grad
-        grad_tables = iter(grad_tables)
-        table_grads = [next(grad_tables) if table.requires_grad else None for table in wanted]
-        return grad_query, grad_key, grad_value, None, None, None, None, None, None, *table_grads
+        return grad_query, grad_key, grad_value, None, None, None, None, None, None, None, *grad_tables
+
+
+def block_tables(tables, row_tables: int, rows: slice) -> list[torch.Tensor]:
+    """`tables` with the first `row_tables` (indexed by query on dim -2) sliced to the block's `rows`."""
+    return [table[..., rows, :] if index < row_tables else table for index, table in enumerate(tables)]
 
 
 # Scores per block of queries (8 MiB in fp32): big enough for BLAS, small enough for cache and memory.
@@ -303,12 +311,12 @@ def query_blocked_attention_forward(
     """sdpa's contract (`[batch, q_len, heads, d]`, no weights, causal when no mask is given) computed by
     `QueryBlockedAttention` with the bias rows of `encoding` (or of its dense bias, when `prepare` built one)."""
     if state.dense:
-        tables = (encoding.bias(query, key, state, module.layer_idx),)
+        tables, row_tables = (encoding.bias(query, key, state, module.layer_idx),), 1
 
         def bias_rows(tables, rows):
-            return tables[0][..., rows, :]
+            return tables[0]
     else:
-        tables = encoding.bias_tables(query, key, state, module.layer_idx)
+        tables, row_tables = encoding.bias_tables(query, key, state, module.layer_idx), encoding.row_tables
 
         def bias_rows(tables, rows):
             return encoding.bias_rows(tables, state, rows)
@@ -317,8 +325,8 @@ def query_blocked_attention_forward(
     causal = query.shape[2] > 1 and attention_mask is None and is_causal
     block_size = max(16, BLOCK_SCORES // (query.shape[0] * query.shape[1] * key.shape[2]))
     output = QueryBlockedAttention.apply(
-        query, key, value, attention_mask, bias_rows, scaling, dropout if module.training else 0.0, causal,
-        block_size, *tables,
+        query, key, value, attention_mask, bias_rows, row_tables, scaling, dropout if module.training else 0.0,
+        causal, block_size, *tables,
     )
     return output.transpose(1, 2).contiguous(), None
 

@@ -83,7 +83,10 @@ class DiagonalRows(torch.autograd.Function):
         width = rows + cols - 1
         # Row r of the gradient lands at columns (rows - 1 - r) .. of its own row of `shifted`: columns are then
         # the table index minus `first`, and a sum over rows adds each diagonal.
-        shifted = grad.new_zeros(heads, rows, width)
+        shifted = grad.new_empty(heads, rows, width)
+        # Row r's data covers columns rows-1-r .. rows-2-r+cols: zero only the two bands it may leave uncovered.
+        shifted[..., : rows - 1].zero_()
+        shifted[..., cols:].zero_()
         shifted.as_strided((heads, rows, cols), (rows * width, width - 1, 1), rows - 1).copy_(grad)
         grad_table = grad.new_zeros(ctx.shape)
         grad_table[:, ctx.first : ctx.first + width] = shifted.sum(1)
@@ -94,13 +97,15 @@ class PositionEncoding(nn.Module):
     """Base class: every hook is a no-op; a scheme overrides the hooks it needs.
 
     Class attributes tell the kernels what to expect: `has_bias` (a score bias comes from `bias`/`score_mod`),
-    `content_bias` (that bias depends on the queries/keys of each layer), `decoder_only`.
+    `content_bias` (that bias depends on the queries/keys of each layer), `decoder_only`, `row_tables` (how many
+    of the `bias_tables` are indexed by query).
     """
 
     name: str = ""
     has_bias: bool = False
     content_bias: bool = False
     decoder_only: bool = False
+    row_tables: int = 0
 
     def __init__(self, config, causal: bool):
         super().__init__()
@@ -145,13 +150,15 @@ class PositionEncoding(nn.Module):
         self, query: torch.Tensor, key: torch.Tensor, state: PositionState, layer_idx: int
     ) -> tuple[torch.Tensor, ...]:
         """The small tensors the bias is read from (per-distance scores, parameters), with their autograd history:
-        `[heads, n]`, `[batch, heads, len, n]` or parameters, never `[q_len, k_len]`."""
+        `[heads, n]`, `[batch, heads, len, n]` or parameters, never `[q_len, k_len]`. The first `row_tables` are
+        indexed by query on dim -2."""
         return ()
 
     def bias_rows(
         self, tables: tuple[torch.Tensor, ...], state: PositionState, rows: slice = slice(None)
     ) -> torch.Tensor:
-        """The dense bias of the queries in `rows`, `[batch or 1, heads, len(rows), k_len]`, from `bias_tables`.
+        """The dense bias of the queries in `rows`, `[batch or 1, heads, len(rows), k_len]`, from `bias_tables`, whose
+        first `row_tables` arrive already sliced to `rows`.
 
         A query-blocked kernel calls it once per block, differentiating it with respect to `tables`."""
         raise NotImplementedError
@@ -678,6 +685,7 @@ class RelativeKeyEncoding(PositionEncoding):
     name = "relative_key"
     has_bias = True
     content_bias = True
+    row_tables = 1
     uses_keys = False
 
     def __init__(self, config, causal: bool):
@@ -715,7 +723,7 @@ class RelativeKeyEncoding(PositionEncoding):
 
     def bias_rows(self, tables, state, rows=slice(None)):
         index = self.relative_index(state, rows)
-        bias = gather_relative(tables[0][:, :, rows], index)
+        bias = gather_relative(tables[0], index)
         if self.uses_keys:
             bias = bias + gather_relative_keys(tables[1], index)
         return bias
@@ -769,6 +777,7 @@ class DisentangledEncoding(PositionEncoding):
     name = "deberta"
     has_bias = True
     content_bias = True
+    row_tables = 1
 
     def __init__(self, config, causal: bool):
         super().__init__(config, causal)
@@ -844,8 +853,12 @@ class DisentangledEncoding(PositionEncoding):
         if "index" in state.tables:
             index = state.tables["index"][:, rows]
         else:
-            index = self.distance_index(state.query_positions[:, rows, None], state.key_positions[:, None, :])
-        bias = gather_relative(content_to_position[:, :, rows], index)
+            # The row depends on i - j alone: bucket each distinct distance once, then look every pair up.
+            relative = state.query_positions[:, rows, None] - state.key_positions[:, None, :]
+            reach = int(relative.abs().max())
+            distances = torch.arange(-reach, reach + 1, device=relative.device)
+            index = self.distance_index(distances, torch.zeros_like(distances))[relative + reach]
+        bias = gather_relative(content_to_position, index)
         return bias + gather_relative_keys(position_to_content, index)
 
     def bias(self, query, key, state, layer_idx):

@@ -44,7 +44,7 @@ def dense_attention(query, key, value, bias, mask):
 def blocked_attention(encoding, state, query, key, value, mask, block_size, dropout=0.0, causal=False):
     tables = encoding.bias_tables(query, key, state, 0)
     return QueryBlockedAttention.apply(
-        query, key, value, mask, lambda tables, rows: encoding.bias_rows(tables, state, rows),
+        query, key, value, mask, lambda tables, rows: encoding.bias_rows(tables, state, rows), encoding.row_tables,
         query.shape[-1] ** -0.5, dropout, causal, block_size, *tables,
     )
 
@@ -104,7 +104,7 @@ def test_blocked_attention_dropout_backward_replays_the_forward_mask():
     def dropped(query, key, value, table):
         torch.manual_seed(1)
         return QueryBlockedAttention.apply(
-            query, key, value, None, lambda tables, rows: encoding.bias_rows(tables, state, rows), 0.3, 0.25,
+            query, key, value, None, lambda tables, rows: encoding.bias_rows(tables, state, rows), 0, 0.3, 0.25,
             False, 4, table,
         )
 
@@ -118,7 +118,7 @@ def test_blocked_attention_dropout_drops_a_quarter_of_the_weights():
     value = torch.eye(length, dtype=torch.float64)[None, None].expand(1, 4, -1, -1)
     query = torch.zeros(1, 4, length, length, dtype=torch.float64)
     output = QueryBlockedAttention.apply(
-        query, query, value, None, lambda tables, rows: torch.zeros(()), 1.0, 0.25, False, 16,
+        query, query, value, None, lambda tables, rows: torch.zeros(()), 0, 1.0, 0.25, False, 16,
     )
     # Uniform weights 1/L, each kept with probability 3/4 and rescaled by 4/3.
     assert set(output.unique().tolist()) == {0.0, 4 / 3 / length}
