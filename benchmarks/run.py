@@ -183,10 +183,11 @@ def train_step(model, input_ids: torch.Tensor) -> Callable[[], None]:
 
 # --------------------------------------------------------------------------------------------------- sections
 
-def bench_train(lengths: list[int], reps: dict[int, int], eager_max_len: int | None = None) -> dict:
+def bench_train(lengths: list[int], reps: dict[int, int], eager_max_len: int | None = None,
+                encodings: list[str] | None = None) -> dict:
     """Forward+backward per (model, kernel) at each length: median seconds, peak bytes, ratios. The relpos `eager`
     rows are left out above `eager_max_len` (transformers' BertModel is always measured with both kernels)."""
-    encodings = list(POSITION_ENCODINGS)
+    encodings = encodings or list(POSITION_ENCODINGS)
     results = {}
     for length in lengths:
         torch.manual_seed(0)
@@ -417,6 +418,14 @@ def print_report(results: dict) -> None:
                 print(f"{kind:<20}{name:<20}{where:<8}{value:7.3f}  {'met' if cell['met'] else 'MISSED'}")
 
 
+def encoding_list(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [name for name in names if name not in POSITION_ENCODINGS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown encodings {unknown}; choose from {sorted(POSITION_ENCODINGS)}")
+    return names
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -432,6 +441,8 @@ def main(argv=None) -> None:
                         help="leave the relpos eager rows out above this length (saves time on a slow machine)")
     parser.add_argument("--generation-size", choices=sorted(GENERATION_SIZES), default="default",
                         help="model size of the generation section: the default size, or GPT-2 small's widths")
+    parser.add_argument("--encodings", type=encoding_list, default=None,
+                        help="comma-separated subset of the encodings (relpos rows only; every anchor still runs)")
     parser.add_argument("--report", nargs="+", metavar="JSON",
                         help="no measuring: merge these results files (sections of separate runs) into --out, print")
     args = parser.parse_args(argv)
@@ -482,8 +493,10 @@ def main(argv=None) -> None:
         train_lengths = args.lengths
         reps = {length: reps.get(length, 3) for length in train_lengths}
     if "train" in sections:
-        results["train"] = bench_train(train_lengths, reps, args.eager_max_len)
+        results["train"] = bench_train(train_lengths, reps, args.eager_max_len, args.encodings)
         save()
+    if args.encodings:
+        gen_encodings = args.encodings
     if "generation" in sections:
         results["generation"] = bench_generation(gen_encodings, new_tokens, gen_reps,
                                                  size=GENERATION_SIZES[args.generation_size])

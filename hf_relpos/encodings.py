@@ -730,8 +730,9 @@ class RelativeKeyEncoding(PositionEncoding):
 
     def bias(self, query, key, state, layer_idx):
         table = self.distance_embedding[layer_idx].weight
-        if self.uses_keys and query.shape[2] < table.shape[0]:
-            # Few queries (a decode step): `k_j . r` for the pairs present, not every cached key against every row.
+        if self.uses_keys and query.shape[2] * query.shape[-1] <= table.shape[0]:
+            # Few queries (a decode step): `k_j . r` for the pairs present, O(k_len d), not every cached key against
+            # every row, O(k_len (2k + 1) d).
             table, scale, index = table.to(query.dtype), self.scaling(query.shape[-1]), self.relative_index(state)
             bias = gather_relative(torch.matmul(query, table.T) * scale, index)
             return bias + torch.einsum("bhkd,bqkd->bhqk", key, table[index]) * scale
@@ -862,6 +863,14 @@ class DisentangledEncoding(PositionEncoding):
         return bias + gather_relative_keys(position_to_content, index)
 
     def bias(self, query, key, state, layer_idx):
+        pos_key, pos_query = self.position_projections(layer_idx, query.dtype)
+        if query.shape[2] * query.shape[-1] <= pos_query.shape[1]:
+            # Few queries (a decode step): `k_j . Qr_d` for the pairs present, O(k_len d), instead of every cached
+            # key against every row of the table, O(k_len 2 span d).
+            scale, index = self.scaling(query.shape[-1]), state.tables["index"]
+            content_to_position = gather_relative(torch.matmul(query, pos_key.transpose(-1, -2)) * scale, index)
+            pairs = pos_query[:, index].transpose(0, 1)
+            return content_to_position + torch.einsum("bhkd,bhqkd->bhqk", key, pairs) * scale
         return self.bias_rows(self.bias_tables(query, key, state, layer_idx), state)
 
     def score_mod(self, query, key, state, layer_idx):

@@ -212,6 +212,25 @@ def test_fire_bias_is_mlp_of_log_normalised_distance(seed):
     torch.testing.assert_close(got.expand_as(expected), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["relative_key_query", "deberta"])
+def test_decode_step_bias_from_key_pairs_equals_the_table_bias(seed, name):
+    # A decode step scores each cached key against its own table row only; the general path scores every key
+    # against every row and gathers. Both must give the same bias.
+    encoding, _ = make_encoding(name)
+    with torch.no_grad():
+        for parameter in encoding.parameters():
+            parameter.normal_()
+    key_positions = positions(2, 20)
+    query_positions = key_positions[:, -1:]
+    query, key = torch.randn(2, HEADS, 1, HEAD_DIM), torch.randn(2, HEADS, 20, HEAD_DIM)
+    state = encoding.prepare(query_positions, key_positions, torch.float32)
+
+    got = encoding.bias(query, key, state, 0)
+    expected = encoding.bias_rows(encoding.bias_tables(query, key, state, 0), state)
+
+    torch.testing.assert_close(got, expected)
+
+
 def test_fire_piecewise_linear_form_equals_its_mlp_in_value_and_gradient(seed):
     encoding, _ = make_encoding("fire", fire_mlp_width=16)
     with torch.no_grad():
