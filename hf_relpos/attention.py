@@ -3,8 +3,9 @@
 The models own their projections (BERT's `query/key/value`, GPT-2's `c_attn`) and call `attention_forward`,
 which rotates, updates the cache, asks the encoding for its bias and runs the kernel named by
 `config._attn_implementation`: `eager` (the reference, below), `sdpa` (transformers' `sdpa_attention_forward`,
-which folds `position_bias` into its float mask), `flex_attention` (the encoding's `score_mod`, no dense bias) or
-any other registered kernel that can serve the encoding.
+which folds `position_bias` into its float mask; when training a bias on CPU, `QueryBlockedAttention` instead),
+`flex_attention` (the encoding's `score_mod`, no dense bias) or any other registered kernel that can serve the
+encoding.
 """
 
 import warnings
@@ -152,6 +153,12 @@ def flex_attention_forward(
     return output.transpose(1, 2).contiguous(), None
 
 
+# Scores per block of queries (8 MiB in fp32): big enough for BLAS, small enough for cache and memory.
+BLOCK_SCORES = 2**21
+# Probabilities below this (~1e-19) are zeroed by the blocked kernel (see `block_probabilities`).
+DENORMAL_GUARD = torch.finfo(torch.float32).tiny ** 0.5
+
+
 class QueryBlockedAttention(torch.autograd.Function):
     """`softmax(q k^T * scaling + bias + mask) v` over blocks of queries, for a bias that needs a gradient.
 
@@ -222,9 +229,6 @@ def block_tables(tables, row_tables: int, rows: slice) -> list[torch.Tensor]:
     return [table[..., rows, :] if index < row_tables else table for index, table in enumerate(tables)]
 
 
-# Scores per block of queries (8 MiB in fp32): big enough for BLAS, small enough for cache and memory.
-BLOCK_SCORES = 2**21
-
 
 def query_blocks(length: int, block_size: int) -> list[slice]:
     """Slices of `block_size` consecutive queries covering `length`."""
@@ -256,8 +260,6 @@ def block_probabilities(
     nn.functional.threshold_(probabilities, DENORMAL_GUARD, 0.0)
     return probabilities.to(scaled_query.dtype)
 
-
-DENORMAL_GUARD = torch.finfo(torch.float32).tiny ** 0.5
 
 
 def block_dropout(probabilities: torch.Tensor, dropout: float, seed: int, rows: slice) -> torch.Tensor:
@@ -325,8 +327,7 @@ def query_blocked_attention_forward(
     causal = query.shape[2] > 1 and attention_mask is None and is_causal
     block_size = max(16, BLOCK_SCORES // (query.shape[0] * query.shape[1] * key.shape[2]))
     output = QueryBlockedAttention.apply(
-        query, key, value, attention_mask, bias_rows, row_tables, scaling, dropout if module.training else 0.0,
-        causal, block_size, *tables,
+        query, key, value, attention_mask, bias_rows, row_tables, scaling, dropout, causal, block_size, *tables,
     )
     return output.transpose(1, 2).contiguous(), None
 

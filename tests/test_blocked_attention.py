@@ -227,3 +227,24 @@ def test_sdpa_training_on_cpu_reads_a_dense_bias_only_when_one_block_holds_every
     assert dense_bias(config, encoding, long, long)
     config._attn_implementation = "flex_attention"
     assert not dense_bias(config, encoding, short, short)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_through_several_blocks_gives_the_same_gradients(seed, use_reentrant):
+    model = RelPosBertModel._from_config(
+        tiny_bert_config(position_embedding_type="t5"), attn_implementation="sdpa"
+    ).train()
+    input_ids = torch.randint(1, 99, (2, LONG))
+
+    def gradients():
+        model.zero_grad()
+        model(input_ids=input_ids).last_hidden_state.pow(2).mean().backward()
+        return {name: parameter.grad.clone() for name, parameter in model.named_parameters()
+                if parameter.grad is not None}
+
+    plain = gradients()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)
