@@ -93,6 +93,48 @@ class DiagonalRows(torch.autograd.Function):
         return grad_table, None, None, None
 
 
+class SkewedRows(torch.autograd.Function):
+    """`out[..., r, c] = table[..., r, clamp(start + c - r, 0, n - 1)]`: each row of `table` `[..., rows, n]` read
+    along its diagonal over `cols` columns and clipped at both ends (Shaw et al. 2018's `clip(j - i, k)`). A padded
+    copy and a strided copy instead of an index tensor and a gather; backward adds each row's clipped ends into its
+    first and last entries."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, start: int, cols: int) -> torch.Tensor:
+        *lead, rows, n = table.shape
+        left = max(0, rows - 1 - start)
+        right = max(0, start + cols - n)
+        padded = table.new_empty(*lead, rows, left + n + right)
+        padded[..., :left] = table[..., :1]
+        padded[..., left : left + n] = table
+        padded[..., left + n :] = table[..., -1:]
+        # Row r, column c sits at padded column `first - r + c`.
+        first = left + start
+        ctx.geometry = n, left, first, padded.shape[-1]
+        return skewed(padded, first, cols).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        n, left, first, width = ctx.geometry
+        *lead, rows, cols = grad.shape
+        spread = grad.new_empty(*lead, rows, width)
+        # Row r's data covers columns first - r .. first - r + cols - 1: zero only what it may leave uncovered.
+        spread[..., : first].zero_()
+        spread[..., first - rows + 1 + cols :].zero_()
+        skewed(spread, first, cols).copy_(grad)
+        grad_table = spread[..., left : left + n].clone()
+        grad_table[..., 0] += spread[..., :left].sum(-1)
+        grad_table[..., -1] += spread[..., left + n :].sum(-1)
+        return grad_table, None, None
+
+
+def skewed(padded: torch.Tensor, first: int, cols: int) -> torch.Tensor:
+    """The view `out[..., r, c] = padded[..., r, first - r + c]` of a contiguous `padded` `[..., rows, width]`."""
+    *lead, rows, width = padded.shape
+    return padded.as_strided((*lead, rows, cols), (*padded.stride()[:-2], width - 1, 1),
+                             padded.storage_offset() + first)
+
+
 class PositionEncoding(nn.Module):
     """Base class: every hook is a no-op; a scheme overrides the hooks it needs.
 
@@ -722,10 +764,15 @@ class RelativeKeyEncoding(PositionEncoding):
         return (query_scores,) if key_scores is None else (query_scores, key_scores)
 
     def bias_rows(self, tables, state, rows=slice(None)):
-        index = self.relative_index(state, rows)
-        bias = gather_relative(tables[0], index)
+        offset = uniform_offset(state)
+        if offset is None:
+            bias = gather_relative(tables[0], self.relative_index(state, rows))
+        else:
+            # Consecutive positions: row i reads its `q . r` table along a clipped diagonal (no index tensor).
+            first, _, _ = rows.indices(state.query_positions.shape[1])
+            bias = SkewedRows.apply(tables[0], offset + self.max_distance - first, state.key_positions.shape[1])
         if self.uses_keys:
-            bias = bias + gather_relative_keys(tables[1], index)
+            bias = bias + gather_relative_keys(tables[1], self.relative_index(state, rows))
         return bias
 
     def bias(self, query, key, state, layer_idx):

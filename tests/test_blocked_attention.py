@@ -8,7 +8,7 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from hf_relpos import RelPosBertModel, RelPosGPTForCausalLM
 from hf_relpos.attention import BLOCK_SCORES, QueryBlockedAttention, dense_bias
-from hf_relpos.encodings import DiagonalRows, build_position_encoding
+from hf_relpos.encodings import DiagonalRows, SkewedRows, build_position_encoding
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -132,6 +132,16 @@ def test_diagonal_rows_reads_a_toeplitz_matrix_and_sums_its_gradient_along_diago
 
     assert torch.equal(DiagonalRows.apply(table, start, rows, cols), expected)
     assert torch.autograd.gradcheck(lambda t: DiagonalRows.apply(t, start, rows, cols), (table,))
+
+
+@pytest.mark.parametrize("start,cols", [(3, 9), (0, 3), (20, 4), (-4, 12)])
+def test_skewed_rows_read_each_row_along_a_clipped_diagonal(start, cols):
+    table = torch.randn(2, 3, 5, 7, dtype=torch.float64, requires_grad=True)
+    index = (start + torch.arange(cols) - torch.arange(5)[:, None]).clamp(0, 6)
+    expected = table.gather(-1, index.expand(2, 3, -1, -1))
+
+    assert torch.equal(SkewedRows.apply(table, start, cols), expected)
+    assert torch.autograd.gradcheck(lambda t: SkewedRows.apply(t, start, cols), (table,))
 
 
 def shapes_saved_for_backward(model, input_ids) -> list[tuple[int, ...]]:
