@@ -739,9 +739,9 @@ class RelativeKeyEncoding(PositionEncoding):
 
     def prepare(self, query_positions, key_positions, dtype, dense=True) -> PositionState:
         state = PositionState(query_positions, key_positions, dtype=dtype, dense=dense)
-        if dense:
-            k = self.max_distance
-            state.tables["index"] = relative_distance(state).clamp(-k, k) + k
+        # The `k . r` term gathers by this index; the `q . r` term needs it only when positions are not consecutive.
+        if dense and (self.uses_keys or uniform_offset(state) is None):
+            state.tables["index"] = self.relative_index(state)
         return state
 
     def distance_scores(self, query: torch.Tensor, key: torch.Tensor, layer_idx: int):
