@@ -75,7 +75,13 @@ class DiagonalRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table: torch.Tensor, start: int, rows: int, cols: int) -> torch.Tensor:
         ctx.shape, ctx.first = table.shape, start - rows + 1
-        return table.unfold(-1, cols, 1)[:, ctx.first : start + 1].contiguous().flip(1)
+        windows = table.unfold(-1, cols, 1)
+        out = table.new_empty(table.shape[0], rows, cols)
+        # Row r is window start - r. Reversing a contiguous copy is fast; by chunks, the copy stays small.
+        for chunk in range(0, rows, 256):
+            stop = min(rows, chunk + 256)
+            out[:, chunk:stop] = windows[:, start - stop + 1 : start - chunk + 1].contiguous().flip(1)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -739,8 +745,7 @@ class RelativeKeyEncoding(PositionEncoding):
 
     def prepare(self, query_positions, key_positions, dtype, dense=True) -> PositionState:
         state = PositionState(query_positions, key_positions, dtype=dtype, dense=dense)
-        # The `k . r` term gathers by this index; the `q . r` term needs it only when positions are not consecutive.
-        if dense and (self.uses_keys or uniform_offset(state) is None):
+        if dense:
             state.tables["index"] = self.relative_index(state)
         return state
 
@@ -764,11 +769,12 @@ class RelativeKeyEncoding(PositionEncoding):
         return (query_scores,) if key_scores is None else (query_scores, key_scores)
 
     def bias_rows(self, tables, state, rows=slice(None)):
-        offset = uniform_offset(state)
+        # A dense bias gathers by the index `prepare` built once; a block of consecutive positions reads its
+        # `q . r` rows along clipped diagonals (no index tensor; its padded copy is only a block's worth).
+        offset = None if state.dense else uniform_offset(state)
         if offset is None:
             bias = gather_relative(tables[0], self.relative_index(state, rows))
         else:
-            # Consecutive positions: row i reads its `q . r` table along a clipped diagonal (no index tensor).
             first, _, _ = rows.indices(state.query_positions.shape[1])
             bias = SkewedRows.apply(tables[0], offset + self.max_distance - first, state.key_positions.shape[1])
         if self.uses_keys:
