@@ -76,8 +76,10 @@ class DiagonalRows(torch.autograd.Function):
     def forward(ctx, table: torch.Tensor, start: int, rows: int, cols: int) -> torch.Tensor:
         ctx.shape, ctx.first = table.shape, start - rows + 1
         windows = table.unfold(-1, cols, 1)
+        # Row r is window start - r. Reversing a contiguous copy is fast; by chunks, that copy stays small.
+        if rows <= 256:
+            return windows[:, ctx.first : start + 1].contiguous().flip(1)
         out = table.new_empty(table.shape[0], rows, cols)
-        # Row r is window start - r. Reversing a contiguous copy is fast; by chunks, the copy stays small.
         for chunk in range(0, rows, 256):
             stop = min(rows, chunk + 256)
             out[:, chunk:stop] = windows[:, start - stop + 1 : start - chunk + 1].contiguous().flip(1)
