@@ -774,13 +774,14 @@ class RelativeKeyEncoding(PositionEncoding):
         # A dense bias gathers by the index `prepare` built once; a block of consecutive positions reads its
         # `q . r` rows along clipped diagonals (no index tensor; its padded copy is only a block's worth).
         offset = None if state.dense else uniform_offset(state)
+        index = self.relative_index(state, rows) if offset is None or self.uses_keys else None
         if offset is None:
-            bias = gather_relative(tables[0], self.relative_index(state, rows))
+            bias = gather_relative(tables[0], index)
         else:
             first, _, _ = rows.indices(state.query_positions.shape[1])
             bias = SkewedRows.apply(tables[0], offset + self.max_distance - first, state.key_positions.shape[1])
         if self.uses_keys:
-            bias = bias + gather_relative_keys(tables[1], self.relative_index(state, rows))
+            bias = bias + gather_relative_keys(tables[1], index)
         return bias
 
     def bias(self, query, key, state, layer_idx):
@@ -863,7 +864,7 @@ class DisentangledEncoding(PositionEncoding):
     def prepare(self, query_positions, key_positions, dtype, dense=True) -> PositionState:
         state = PositionState(query_positions, key_positions, dtype=dtype, dense=dense)
         if dense:
-            state.tables["index"] = self.distance_index(query_positions[:, :, None], key_positions[:, None, :])
+            state.tables["index"] = self.relative_index(state)
         return state
 
     def distance_index(self, query_position: torch.Tensor, key_position: torch.Tensor) -> torch.Tensor:
@@ -872,6 +873,16 @@ class DisentangledEncoding(PositionEncoding):
         if self.position_buckets > 0:
             relative = make_log_bucket_position(relative, self.position_buckets, self.max_relative_positions)
         return (relative + self.span).clamp(0, 2 * self.span - 1)
+
+    def relative_index(self, state: PositionState, rows: slice = slice(None)) -> torch.Tensor:
+        """`distance_index` of the queries in `rows` and every key, `[batch, len(rows), k_len]`. It depends on
+        `i - j` alone: each distinct distance is bucketed once, then every pair looks its row up."""
+        if "index" in state.tables:
+            return state.tables["index"][:, rows]
+        relative = state.query_positions[:, rows, None] - state.key_positions[:, None, :]
+        reach = int(relative.abs().max())
+        distances = torch.arange(-reach, reach + 1, device=relative.device)
+        return self.distance_index(distances, torch.zeros_like(distances))[relative + reach]
 
     def position_projections(self, layer_idx: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """`Kr` and `Qr` of one layer, `[heads, 2 span, head_dim]` each.
@@ -906,14 +917,7 @@ class DisentangledEncoding(PositionEncoding):
 
     def bias_rows(self, tables, state, rows=slice(None)):
         content_to_position, position_to_content = tables
-        if "index" in state.tables:
-            index = state.tables["index"][:, rows]
-        else:
-            # The row depends on i - j alone: bucket each distinct distance once, then look every pair up.
-            relative = state.query_positions[:, rows, None] - state.key_positions[:, None, :]
-            reach = int(relative.abs().max())
-            distances = torch.arange(-reach, reach + 1, device=relative.device)
-            index = self.distance_index(distances, torch.zeros_like(distances))[relative + reach]
+        index = self.relative_index(state, rows)
         bias = gather_relative(content_to_position, index)
         return bias + gather_relative_keys(position_to_content, index)
 
