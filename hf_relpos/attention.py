@@ -8,13 +8,14 @@ which folds `position_bias` into its float mask; when training a bias on CPU, `Q
 encoding.
 """
 
+import functools
 import warnings
-from functools import cache
 
 import torch
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
@@ -22,6 +23,18 @@ from .encodings import PositionEncoding, PositionState, get_encoding_class
 
 
 logger = logging.get_logger(__name__)
+
+# transformers 5.24 renamed the KV cache argument and output field `past_key_values` to `cache` (the old name is a
+# deprecated alias until 5.40): the models take either and return the cache under the installed release's name.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def cache_argument(cache: Cache | None, kwargs: dict) -> Cache | None:
+    """The KV cache passed as `cache` or as `past_key_values` (transformers < 5.24), removed from `kwargs`."""
+    legacy = kwargs.pop("past_key_values", None)
+    if cache is not None and legacy is not None:
+        raise ValueError("Pass the KV cache as `cache` or as `past_key_values`, not both.")
+    return cache if cache is not None else legacy
 
 
 def token_positions(
@@ -110,7 +123,7 @@ def eager_attention_forward(
     return output, weights
 
 
-@cache
+@functools.cache
 def compiled_flex_attention():
     # Static shapes: torch 2.13's dynamic compile of flex attention breaks on CPU.
     return torch.compile(flex_attention, dynamic=False)
@@ -352,7 +365,7 @@ def attention_forward(
     attention_mask: torch.Tensor | None,
     encoding: PositionEncoding | None = None,
     state: PositionState | None = None,
-    past_key_values: Cache | None = None,
+    cache: Cache | None = None,
     dropout: float = 0.0,
     scale: float = 1.0,
     **kwargs,
@@ -366,8 +379,8 @@ def attention_forward(
     scaling = scale * query.shape[-1] ** -0.5
     if encoding is not None:
         query, key = encoding.rotate(query, key, state)
-    if past_key_values is not None:
-        key, value = past_key_values.update(key, value, module.layer_idx)
+    if cache is not None:
+        key, value = cache.update(key, value, module.layer_idx)
     implementation = resolve_kernel(module.config._attn_implementation, encoding)
     if encoding is not None:
         scaling = scale * encoding.scaling(query.shape[-1])

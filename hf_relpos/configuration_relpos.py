@@ -178,7 +178,8 @@ class RelPosGPTConfig(RelPosPretrainedConfig):
     ```"""
 
     model_type = "relpos_gpt"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    # The KV cache under its name before and from transformers 5.24: not a prediction.
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
     attribute_map = {
         "hidden_size": "n_embd",
         "max_position_embeddings": "n_positions",

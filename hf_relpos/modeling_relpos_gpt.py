@@ -28,8 +28,10 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .attention import (
+    CACHE_FIELD,
     RelPosPreTrainedModel,
     attention_forward,
+    cache_argument,
     check_attention_mask,
     dense_bias,
     token_positions,
@@ -79,31 +81,28 @@ class RelPosGPTAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         position_encoding: PositionEncoding | None,
         position_state: PositionState | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cache = past_key_values
-        if isinstance(past_key_values, EncoderDecoderCache):
-            cache = (
-                past_key_values.cross_attention_cache if self.is_cross_attention
-                else past_key_values.self_attention_cache
-            )
+        layer_cache = cache
+        if isinstance(cache, EncoderDecoderCache):
+            layer_cache = cache.cross_attention_cache if self.is_cross_attention else cache.self_attention_cache
         if self.is_cross_attention:
             query = self.split_heads(self.q_attn(hidden_states))
-            if cache is not None and past_key_values.is_updated.get(self.layer_idx):
-                key, value = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
+            if layer_cache is not None and cache.is_updated.get(self.layer_idx):
+                key, value = layer_cache.layers[self.layer_idx].keys, layer_cache.layers[self.layer_idx].values
             else:
                 key, value = self.c_attn(encoder_hidden_states).split(self.embed_dim, dim=2)
                 key, value = self.split_heads(key), self.split_heads(value)
-                if cache is not None:
-                    key, value = cache.update(key, value, self.layer_idx)
-                    past_key_values.is_updated[self.layer_idx] = True
-            cache = None
+                if layer_cache is not None:
+                    key, value = layer_cache.update(key, value, self.layer_idx)
+                    cache.is_updated[self.layer_idx] = True
+            layer_cache = None
         else:
             query, key, value = (self.split_heads(x) for x in self.c_attn(hidden_states).split(self.embed_dim, dim=2))
         output, weights = attention_forward(
-            self, query, key, value, attention_mask, position_encoding, position_state, past_key_values=cache,
+            self, query, key, value, attention_mask, position_encoding, position_state, cache=layer_cache,
             dropout=self.attn_dropout.p if self.training else 0.0, scale=self.scale, **kwargs,
         )
         output = self.resid_dropout(self.c_proj(output.reshape(*output.shape[:-2], -1)))
@@ -128,13 +127,13 @@ class RelPosGPTBlock(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None,
         position_encoding: PositionEncoding,
         position_state: PositionState,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         attn_output, _ = self.attn(
-            self.ln_1(hidden_states), attention_mask, position_encoding, position_state, past_key_values, **kwargs
+            self.ln_1(hidden_states), attention_mask, position_encoding, position_state, cache, **kwargs
         )
         hidden_states = hidden_states + attn_output
         if encoder_hidden_states is not None:
@@ -144,7 +143,7 @@ class RelPosGPTBlock(GradientCheckpointingLayer):
                     "add_cross_attention=True."
                 )
             cross_output, _ = self.crossattention(
-                self.ln_cross_attn(hidden_states), encoder_attention_mask, None, None, past_key_values,
+                self.ln_cross_attn(hidden_states), encoder_attention_mask, None, None, cache,
                 encoder_hidden_states=encoder_hidden_states,
             )
             hidden_states = hidden_states + cross_output
@@ -156,7 +155,7 @@ class RelPosGPTPreTrainedModel(RelPosPreTrainedModel):
     config_class = RelPosGPTConfig
     base_model_prefix = "transformer"
     _no_split_modules = ["RelPosGPTBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _can_record_outputs = {
         "hidden_states": RelPosGPTBlock,
         "attentions": OutputRecorder(RelPosGPTAttention, layer_name=".attn", index=1),
@@ -200,7 +199,7 @@ class RelPosGPTModel(RelPosGPTPreTrainedModel):
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
@@ -211,20 +210,21 @@ class RelPosGPTModel(RelPosGPTPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPastAndCrossAttentions:
         """`attention_mask` `[batch, past + len]` (1 = token, 0 = padding) sets the positions of real tokens, so a
-        left-padded batch generates as each prompt alone."""
+        left-padded batch generates as each prompt alone. The KV cache comes as `cache` or `past_key_values`."""
+        cache = cache_argument(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        if use_cache and self.config.add_cross_attention and not isinstance(past_key_values, EncoderDecoderCache):
-            past_key_values = EncoderDecoderCache(past_key_values, DynamicCache(config=self.config))
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if use_cache and self.config.add_cross_attention and not isinstance(cache, EncoderDecoderCache):
+            cache = EncoderDecoderCache(cache, DynamicCache(config=self.config))
         batch_size, length = inputs_embeds.shape[:2]
         past_length, key_length = 0, length
-        if past_key_values is not None:
-            past_length = past_key_values.get_seq_length()
-            key_length, _ = past_key_values.get_mask_sizes(length, 0)
+        if cache is not None:
+            past_length = cache.get_seq_length()
+            key_length, _ = cache.get_mask_sizes(length, 0)
         check_attention_mask(attention_mask, batch_size, length, past_length, key_length)
         query_positions, key_positions = token_positions(
             attention_mask, position_ids, batch_size, length, past_length, key_length, inputs_embeds.device
@@ -234,10 +234,8 @@ class RelPosGPTModel(RelPosGPTPreTrainedModel):
             hidden_states = hidden_states + self.wte(token_type_ids)
         hidden_states = self.drop(hidden_states)
 
-        mask = create_causal_mask(
-            config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-            past_key_values=past_key_values, position_ids=query_positions,
-        )
+        # The cache is passed by position: its keyword is `past_key_values` before 5.24 and `cache` from it on.
+        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids=query_positions)
         if encoder_hidden_states is not None:
             encoder_attention_mask = create_bidirectional_mask(
                 config=self.config, inputs_embeds=inputs_embeds, attention_mask=encoder_attention_mask,
@@ -245,14 +243,14 @@ class RelPosGPTModel(RelPosGPTPreTrainedModel):
             )
         dense = dense_bias(self.config, self.wpe, query_positions, key_positions)
         state = self.wpe.prepare(query_positions, key_positions, hidden_states.dtype, dense=dense)
-        cache = past_key_values if not (self.gradient_checkpointing and self.training) else None
+        layer_cache = cache if not (self.gradient_checkpointing and self.training) else None
         for block in self.h:
             hidden_states = block(
-                hidden_states, mask, self.wpe, state, cache, encoder_hidden_states,
+                hidden_states, mask, self.wpe, state, layer_cache, encoder_hidden_states,
                 encoder_attention_mask=encoder_attention_mask, **kwargs,
             )
         return BaseModelOutputWithPastAndCrossAttentions(
-            last_hidden_state=self.ln_f(hidden_states), past_key_values=past_key_values if use_cache else None
+            last_hidden_state=self.ln_f(hidden_states), **{CACHE_FIELD: cache if use_cache else None}
         )
 
 
@@ -269,7 +267,7 @@ class RelPosGPTForCausalLM(RelPosGPTPreTrainedModel, GenerationMixin):
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
@@ -283,7 +281,7 @@ class RelPosGPTForCausalLM(RelPosGPTPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithCrossAttentions:
         """`labels` `[batch, len]` are shifted inside the loss; the loss honours Trainer's `num_items_in_batch`."""
         outputs = self.transformer(
-            input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+            input_ids, cache=cache_argument(cache, kwargs), attention_mask=attention_mask,
             token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
             encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
             use_cache=use_cache, **kwargs,
@@ -293,8 +291,8 @@ class RelPosGPTForCausalLM(RelPosGPTPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithCrossAttentions(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions, cross_attentions=outputs.cross_attentions,
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            cross_attentions=outputs.cross_attentions, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
 
 
@@ -314,7 +312,7 @@ class RelPosGPTForSequenceClassification(RelPosGPTPreTrainedModel):
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
@@ -324,7 +322,7 @@ class RelPosGPTForSequenceClassification(RelPosGPTPreTrainedModel):
         **kwargs,
     ) -> SequenceClassifierOutputWithPast:
         outputs = self.transformer(
-            input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+            input_ids, cache=cache_argument(cache, kwargs), attention_mask=attention_mask,
             token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
             use_cache=use_cache, **kwargs,
         )
@@ -341,6 +339,6 @@ class RelPosGPTForSequenceClassification(RelPosGPTPreTrainedModel):
         pooled_logits = logits[torch.arange(batch_size, device=logits.device), last]
         loss = self.loss_function(labels, pooled_logits, self.config) if labels is not None else None
         return SequenceClassifierOutputWithPast(
-            loss=loss, logits=pooled_logits, past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            loss=loss, logits=pooled_logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )

@@ -26,6 +26,7 @@ from hf_relpos import (
     RelPosGPTConfig,
     RelPosGPTForCausalLM,
 )
+from hf_relpos.attention import CACHE_FIELD
 
 
 PACKAGE_DIR = Path(hf_relpos.__file__).parent
@@ -175,9 +176,9 @@ def test_decoder_mask_shorter_than_the_sequence():
 def test_decoder_mask_shorter_than_cache_plus_input():
     model = gpt()
     with torch.no_grad():
-        cache = model(ids(), use_cache=True).past_key_values
+        cache = getattr(model(ids(), use_cache=True), CACHE_FIELD)
         with pytest.raises(ValueError, match="the cache holds 8 and the input adds 1"):
-            model(ids(2, 1), past_key_values=cache, attention_mask=torch.ones(2, 8, dtype=torch.long))
+            model(ids(2, 1), cache=cache, attention_mask=torch.ones(2, 8, dtype=torch.long))
 
 
 def test_decoder_mask_longer_than_the_sequence():
