@@ -7,13 +7,14 @@ PIP_INSTALL = $(PYTHON) -m pip install
 install:
 	$(PIP_INSTALL) -e ".[dev,examples]"
 
-# The whole suite, slow end-to-end tests included: this is what CI runs (.ci/run).
+# The whole suite, slow end-to-end tests included: this is what CI runs (.ci/run). One line per test file with
+# its progress, and the ten slowest tests at the end.
 test: install
-	$(PYTHON) -m pytest tests -q -p no:cacheprovider --timeout=900
+	$(PYTHON) -m pytest tests -p no:cacheprovider --timeout=900 --durations=10
 
 # Everything but the end-to-end runs marked `slow`.
 test-fast: install
-	$(PYTHON) -m pytest tests -q -p no:cacheprovider --timeout=900 -m "not slow"
+	$(PYTHON) -m pytest tests -p no:cacheprovider --timeout=900 -m "not slow"
 
 # Folders that do not exist (yet) are skipped rather than reported as E902.
 LINT_PATHS = $(wildcard hf_relpos tests examples benchmarks)

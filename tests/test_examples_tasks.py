@@ -212,8 +212,9 @@ def test_run_qa_finds_word_after_marker(tmp_path, tiny_bert):
     results = load_example("run_qa").main([
         "--model_name_or_path", tiny_bert, "--position_embedding_type", "alibi", "--train_file", train,
         "--validation_file", valid, "--max_seq_length", "24", "--doc_stride", "8", "--max_answer_length", "3",
-        "--do_train", "--do_eval", *common_args(out, max_steps=120, lr=3e-3),
+        "--do_train", "--do_eval", *common_args(out, max_steps=300, lr=3e-3),
     ])
     assert_loss_went_down(out, factor=0.5)
-    # Chance: one of about 8 context words.
-    assert results["eval_exact_match"] > 50.0, results
+    # Chance is one of about 8 context words (12.5%). Learning this task is abrupt: at 120 steps the run sits
+    # mid-transition (50%), at 300 it has solved it (100%), so the bound leaves room on both sides.
+    assert results["eval_exact_match"] > 90.0, results
