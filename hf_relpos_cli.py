@@ -68,7 +68,8 @@ def check_local_path(name: str, what: str) -> None:
     if os.path.exists(name):
         return
     parts = name.split("/")
-    if os.path.isabs(name) or name.startswith((".", "~")) or len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0])):
+    local = os.path.isabs(name) or name.startswith((".", "~")) or len(parts) > 2
+    if local or (len(parts) == 2 and os.path.isdir(parts[0])):
         raise UsageError(f"{what} {name} does not exist.")
 
 
