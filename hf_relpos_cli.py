@@ -73,6 +73,12 @@ def check_local_path(name: str, what: str) -> None:
         raise UsageError(f"{what} {name} does not exist.")
 
 
+def check_folder(name: str) -> None:
+    """Raise `UsageError` unless `name` is an existing folder."""
+    if not os.path.isdir(name):
+        raise UsageError(f"DIR {name} {'is not a folder' if os.path.exists(name) else 'does not exist'}.")
+
+
 def _add_encoding_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("encoding options (default: the config's defaults)")
     group.add_argument("--max-relative-positions", type=int, help="relative_key(_query) clip k / deberta range")
@@ -167,6 +173,7 @@ def _add_card(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_card(args: argparse.Namespace) -> int:
+    check_folder(args.folder)
     from hf_relpos.hub import write_model_card
 
     print(f"Wrote {write_model_card(args.folder, repo_id=args.repo_id, **_card_options(args))}")
@@ -196,6 +203,7 @@ def _add_push(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_push(args: argparse.Namespace) -> int:
+    check_folder(args.folder)
     from hf_relpos.hub import files_to_push, push_to_hub
 
     if args.dry_run:
