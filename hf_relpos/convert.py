@@ -37,7 +37,7 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -410,7 +410,7 @@ def convert_checkpoint(
         task = infer_task(AutoConfig.from_pretrained(source, **hub_kwargs))
     model = load_converted(task, source, position_embedding_type, **kwargs)
     report = model.conversion_report
-    with _replace_directory(save_directory) as staging:
+    with _replace_directory(save_directory, overwrite) as staging:
         model.save_pretrained(staging)
         with open(os.path.join(staging, "conversion_report.json"), "w") as handle:
             json.dump(report.to_dict(), handle, indent=2)
@@ -421,7 +421,7 @@ def convert_checkpoint(
 
 # Folders `_replace_directory` leaves beside DST only when killed: `.DST.hf-relpos-new-PID-*` (a result being
 # built) and `.DST.hf-relpos-old-PID-*` (the old DST, moved aside for the instant of the swap).
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.hf-relpos-(?P<kind>new|old)-(?P<pid>\d+)-[^/]+$")
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.hf-relpos-(?P<kind>new|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
 def _check_destination(source: str, save_directory: str, overwrite: bool) -> None:
@@ -473,25 +473,25 @@ def _process_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def _replace_directory(save_directory: str):
+def _replace_directory(save_directory: str, overwrite: bool):
     """Yield an empty folder beside `save_directory` (same filesystem); on success it becomes `save_directory`.
 
     The new folder is written and synced, then renamed into place: over a missing or empty destination in one
-    `rename`; over an existing one by moving the old folder aside, renaming the new one in, and removing the old.
-    A process killed at any point leaves the old folder or the new complete one at `save_directory` (or, between
-    the two renames, the old one beside it, put back by the next conversion to it). On an exception the new folder
-    is removed and `save_directory` is untouched.
+    `rename`; with `overwrite`, over a non-empty one by moving the old folder aside, renaming the new one in, and
+    removing the old. A process killed at any point leaves the old folder or the new complete one at
+    `save_directory` (or, between the two renames, the old one beside it, put back by the next conversion to it).
+    On an exception the new folder is removed and `save_directory` is untouched.
     """
     save_directory = os.path.abspath(save_directory)
-    parent, name = os.path.split(save_directory)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{name}.hf-relpos-new-{os.getpid()}-", dir=parent)
+    os.makedirs(os.path.dirname(save_directory), exist_ok=True)
+    staging = _sibling(save_directory, "new")
+    os.mkdir(staging)
     try:
         yield staging
         _sync_tree(staging)
-        if os.path.isdir(save_directory) and os.listdir(save_directory):
-            aside = tempfile.mkdtemp(prefix=f".{name}.hf-relpos-old-{os.getpid()}-", dir=parent)
-            os.rename(save_directory, aside)  # onto the empty folder mkdtemp made: rename replaces it
+        if overwrite and os.path.isdir(save_directory) and os.listdir(save_directory):
+            aside = _sibling(save_directory, "old")
+            os.rename(save_directory, aside)
             try:
                 os.rename(staging, save_directory)
             except BaseException:
@@ -499,10 +499,16 @@ def _replace_directory(save_directory: str):
                 raise
             shutil.rmtree(aside, ignore_errors=True)  # what stays is removed by the next conversion to it
         else:
-            os.replace(staging, save_directory)
+            os.replace(staging, save_directory)  # fails, rather than replace a folder filled since the check
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _sibling(save_directory: str, kind: str) -> str:
+    """A new path beside `save_directory`, named as `_LEFTOVER` recognises: `.NAME.hf-relpos-KIND-PID-RANDOM`."""
+    parent, name = os.path.split(save_directory)
+    return os.path.join(parent, f".{name}.hf-relpos-{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def _sync_tree(folder: str) -> None:

@@ -86,6 +86,12 @@ def test_an_empty_destination_folder_is_used(source, converted, tmp_path):
     assert snapshot(tmp_path / "dst") == converted
 
 
+def test_the_new_folder_has_the_permissions_of_any_new_folder(source, tmp_path):
+    convert_checkpoint(source, tmp_path / "dst", "alibi")
+    (tmp_path / "plain").mkdir()
+    assert (tmp_path / "dst").stat().st_mode == (tmp_path / "plain").stat().st_mode  # not a private temp folder's
+
+
 @pytest.mark.parametrize("where", ["same", "inside-source", "source-inside"])
 def test_the_source_is_never_a_destination(where, tmp_path):
     source = save_source(tmp_path / "models" / "bert")
@@ -109,9 +115,9 @@ def test_a_swap_cut_short_is_undone_by_the_next_conversion(source, converted, tm
     old = make_old_destination(source, destination)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
-    os.rename(destination, tmp_path / f".dst.hf-relpos-old-{pid}-abc")
+    os.rename(destination, tmp_path / f".dst.hf-relpos-old-{pid}-0123abcd")
     convert_checkpoint(source, tmp_path / "elsewhere", "alibi")
-    os.rename(tmp_path / "elsewhere", tmp_path / f".dst.hf-relpos-new-{pid}-xyz")
+    os.rename(tmp_path / "elsewhere", tmp_path / f".dst.hf-relpos-new-{pid}-4567cdef")
 
     with pytest.raises(FileExistsError, match="not empty"):
         convert_checkpoint(source, destination, "alibi")  # puts the old folder back, then refuses to replace it
