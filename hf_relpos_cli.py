@@ -54,14 +54,14 @@ def register_subcommand(name: str, add_parser: Callable[[argparse._SubParsersAct
     SUBCOMMANDS[name] = add_parser
 
 
-def _json_value(text: str):
+def _json_value(text: str) -> object:
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {text}") from None
 
 
-def check_local_path(name: str, what: str) -> None:
+def _check_local_path(name: str, what: str) -> None:
     """Raise `UsageError` when `name` is meant as a local path and is not there, instead of letting it be read as a
     Hub id (which fails late, after network retries). A path is meant as local when it is absolute, starts with
     `.` or `~`, has more than one `/` (a Hub id has one), or its first component is an existing folder."""
@@ -73,7 +73,7 @@ def check_local_path(name: str, what: str) -> None:
         raise UsageError(f"{what} {name} does not exist.")
 
 
-def check_folder(name: str) -> None:
+def _check_folder(name: str) -> None:
     """Raise `UsageError` unless `name` is an existing folder."""
     if not os.path.isdir(name):
         raise UsageError(f"DIR {name} {'is not a folder' if os.path.exists(name) else 'does not exist'}.")
@@ -120,7 +120,7 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    check_local_path(args.source, "SRC")
+    _check_local_path(args.source, "SRC")
     from hf_relpos.convert import TASKS, convert_checkpoint
     from hf_relpos.encodings import POSITION_ENCODINGS
 
@@ -173,7 +173,7 @@ def _add_card(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_card(args: argparse.Namespace) -> int:
-    check_folder(args.folder)
+    _check_folder(args.folder)
     from hf_relpos.hub import write_model_card
 
     print(f"Wrote {write_model_card(args.folder, repo_id=args.repo_id, **_card_options(args))}")
@@ -203,7 +203,7 @@ def _add_push(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_push(args: argparse.Namespace) -> int:
-    check_folder(args.folder)
+    _check_folder(args.folder)
     from hf_relpos.hub import files_to_push, push_to_hub
 
     if args.dry_run:
@@ -251,7 +251,7 @@ def _run_extrapolate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     for name in args.models:
-        check_local_path(name, "MODEL")
+        _check_local_path(name, "MODEL")
     text = Path(args.text_file).read_text(encoding="utf-8")
 
     import torch
