@@ -7,9 +7,11 @@ cards.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import huggingface_hub
@@ -294,8 +296,11 @@ def test_push_deletes_nothing_by_default_and_only_its_own_kinds_with_delete_stal
     relpos_hub.push_to_hub(tmp_path, repo)
     assert local_hub.repo_files(repo) == USER_FILES | OWN_STALE | pushed
 
+    log = local_hub.store.repo_dir(repo) / "log.jsonl"
+    commits = len(log.read_text().splitlines())
     assert cli_main(["push", str(tmp_path), repo, "--delete-stale"]) == 0
     assert local_hub.repo_files(repo) == USER_FILES | pushed
+    assert len(log.read_text().splitlines()) == commits + 1  # deletions and uploads in one commit
 
 
 def test_push_refuses_a_symlink_out_of_the_folder_before_sending_anything(local_hub, tmp_path):
@@ -320,6 +325,42 @@ def test_push_refuses_an_index_entry_outside_the_folder_before_sending_anything(
     with pytest.raises(relpos_hub.UnsafePushError, match=r"shards outside the folder: \.\./outside\.safetensors"):
         relpos_hub.push_to_hub(folder, "tester/never-created-index")
     assert len(local_hub.requests) == requests
+
+
+def hub_snapshot(hub: LocalHub, repo: str) -> dict[str, bytes]:
+    return {name: path.read_bytes() for name, path in hub.store.files(repo, hub.store.resolve(repo, "main")).items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", ["preupload", "commit"])
+def test_sigkill_during_a_push_leaves_the_old_repo_or_the_complete_new_one(local_hub, tmp_path, kill_at):
+    repo = f"tester/relpos-killed-at-{kill_at}"
+    api = HfApi()
+    api.create_repo(repo)
+    api.create_commit(repo, [CommitOperationAdd(name, b"old " + name.encode()) for name in USER_FILES | OWN_STALE],
+                      commit_message="what was there before")
+    old = hub_snapshot(local_hub, repo)
+    folder = tmp_path / "model"
+    RelPosBertForSequenceClassification(tiny_bert_config()).save_pretrained(folder)
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    seen = len(local_hub.requests)
+    process = subprocess.Popen([sys.executable, "-m", "hf_relpos_cli", "push", str(folder), repo, "--delete-stale"],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(path.endswith(f"/{kill_at}/main") for _, path in local_hub.requests[seen:]):
+            assert process.poll() is None and time.monotonic() < deadline, "the push never reached " + kill_at
+            time.sleep(0.001)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    pushed = set(relpos_hub.files_to_push(folder))
+    new = {**{name: old[name] for name in USER_FILES}, **{name: (folder / name).read_bytes() for name in pushed}}
+    for _ in range(20):  # a commit the server received in full may still be landing: every state seen is old or new
+        with local_hub.store.lock:
+            assert hub_snapshot(local_hub, repo) in (old, new)
+        time.sleep(0.1)
 
 
 # -- Trainer.push_to_hub --------------------------------------------------------------------------------------------
