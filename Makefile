@@ -17,7 +17,7 @@ test-fast: install
 	$(PYTHON) -m pytest tests -p no:cacheprovider --timeout=900 -m "not slow"
 
 # Folders that do not exist (yet) are skipped rather than reported as E902.
-LINT_PATHS = $(wildcard hf_relpos tests examples benchmarks)
+LINT_PATHS = $(wildcard hf_relpos hf_relpos_cli.py tests examples benchmarks)
 
 lint:
 	$(PYTHON) -m ruff check $(LINT_PATHS)

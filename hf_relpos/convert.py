@@ -37,6 +37,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -389,26 +390,138 @@ def convert_checkpoint(
     task: str | None = None,
     *,
     copy_tokenizer: bool = True,
+    overwrite: bool = False,
     **kwargs,
 ) -> tuple[PreTrainedModel, ConversionReport]:
     """Convert `source` and save it to `save_directory` with its modelling code, full `auto_map`, tokenizer and
     `conversion_report.json`. `task` picks the head (default: the source's, from its `architectures`);
-    `kwargs` go to `load_converted`. Returns the model and its report."""
+    `kwargs` go to `load_converted`. Returns the model and its report.
+
+    The source is never written to. A non-empty `save_directory` is refused unless `overwrite`; the result is built
+    in a folder beside it and renamed into place (`_replace_directory`), so a crash leaves the old folder or the
+    complete new one, never a mix.
+    """
     source = os.fspath(source)
     save_directory = os.fspath(save_directory)
+    _check_destination(source, save_directory, overwrite)
     hub_keys = ("revision", "cache_dir", "token", "local_files_only")
     hub_kwargs = {key: kwargs[key] for key in hub_keys if key in kwargs}
     if task is None:
         task = infer_task(AutoConfig.from_pretrained(source, **hub_kwargs))
     model = load_converted(task, source, position_embedding_type, **kwargs)
     report = model.conversion_report
-    os.makedirs(save_directory, exist_ok=True)
-    model.save_pretrained(save_directory)
-    with open(os.path.join(save_directory, "conversion_report.json"), "w") as handle:
-        json.dump(report.to_dict(), handle, indent=2)
-    if copy_tokenizer:
-        _copy_tokenizer(source, save_directory, hub_kwargs)
+    with _replace_directory(save_directory, overwrite) as staging:
+        model.save_pretrained(staging)
+        with open(os.path.join(staging, "conversion_report.json"), "w") as handle:
+            json.dump(report.to_dict(), handle, indent=2)
+        if copy_tokenizer:
+            _copy_tokenizer(source, staging, hub_kwargs)
     return model, report
+
+
+# Folders `_replace_directory` leaves beside DST only when killed: `.DST.hf-relpos-new-PID-*` (a result being
+# built) and `.DST.hf-relpos-old-PID-*` (the old DST, moved aside for the instant of the swap).
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.hf-relpos-(?P<kind>new|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def _check_destination(source: str, save_directory: str, overwrite: bool) -> None:
+    """Refuse a destination that is, contains or lies inside a local source, and a non-empty one without
+    `overwrite`. Leftovers of a killed conversion to the same destination are cleaned up first."""
+    _clean_leftovers(save_directory)
+    if os.path.exists(source):
+        src, dst = os.path.realpath(source), os.path.realpath(save_directory)
+        if os.path.commonpath([src, dst]) in (src, dst):
+            raise ValueError(
+                f"The destination {save_directory} and the source {source} overlap (the same folder, or one inside "
+                "the other): convert never writes into its source. Choose another destination."
+            )
+    if os.path.lexists(save_directory) and not os.path.isdir(save_directory):
+        raise FileExistsError(f"The destination {save_directory} exists and is not a folder.")
+    if os.path.isdir(save_directory) and os.listdir(save_directory) and not overwrite:
+        raise FileExistsError(
+            f"The destination {save_directory} is not empty. Choose an empty or new folder, or pass --overwrite "
+            "(overwrite=True) to replace it."
+        )
+
+
+def _clean_leftovers(save_directory: str) -> None:
+    """Remove what killed conversions to `save_directory` left beside it; an old folder whose swap was cut short is
+    put back in place."""
+    parent, name = os.path.split(os.path.abspath(save_directory))
+    if not os.path.isdir(parent):
+        return
+    for entry in sorted(os.listdir(parent)):
+        match = _LEFTOVER.match(entry)
+        if not match or match["name"] != name or _process_alive(int(match["pid"])):
+            continue
+        path = os.path.join(parent, entry)
+        if match["kind"] == "old" and not os.path.lexists(save_directory):
+            os.rename(path, save_directory)
+            logger.warning(f"Restored {save_directory} from {path}, left by a conversion that was killed.")
+        else:
+            shutil.rmtree(path)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    return True
+
+
+@contextlib.contextmanager
+def _replace_directory(save_directory: str, overwrite: bool):
+    """Yield an empty folder beside `save_directory` (same filesystem); on success it becomes `save_directory`.
+
+    The new folder is written and synced, then renamed into place: over a missing or empty destination in one
+    `rename`; with `overwrite`, over a non-empty one by moving the old folder aside, renaming the new one in, and
+    removing the old. A process killed at any point leaves the old folder or the new complete one at
+    `save_directory` (or, between the two renames, the old one beside it, put back by the next conversion to it).
+    On an exception the new folder is removed and `save_directory` is untouched.
+    """
+    save_directory = os.path.abspath(save_directory)
+    os.makedirs(os.path.dirname(save_directory), exist_ok=True)
+    staging = _sibling(save_directory, "new")
+    os.mkdir(staging)
+    try:
+        yield staging
+        _sync_tree(staging)
+        if overwrite and os.path.isdir(save_directory) and os.listdir(save_directory):
+            aside = _sibling(save_directory, "old")
+            os.rename(save_directory, aside)
+            try:
+                os.rename(staging, save_directory)
+            except BaseException:
+                os.rename(aside, save_directory)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)  # what stays is removed by the next conversion to it
+        else:
+            os.replace(staging, save_directory)  # fails, rather than replace a folder filled since the check
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _sibling(save_directory: str, kind: str) -> str:
+    """A new path beside `save_directory`, named as `_LEFTOVER` recognises: `.NAME.hf-relpos-KIND-PID-RANDOM`."""
+    parent, name = os.path.split(save_directory)
+    return os.path.join(parent, f".{name}.hf-relpos-{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _sync_tree(folder: str) -> None:
+    """fsync every file and the folder itself, so that the rename publishes complete files even after a power loss."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 _TOKENIZER_FILES = (

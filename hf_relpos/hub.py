@@ -168,13 +168,42 @@ SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 # Pickle files: never uploaded. Trainer's own state is skipped quietly; pickled *weights* are refused.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 TRAINING_STATE = re.compile(r"^(training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth)$")
-# Remote files a push replaces: weights, code and pickles of an earlier push (or of `Trainer.push_to_hub`) that
-# this folder does not provide are deleted in the same commit, so the repo holds exactly what `files_to_push` lists.
-STALE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.py", *(f"*{s}" for s in PICKLE_SUFFIXES)]
+# transformers' shard names: model-00001-of-00002.safetensors (a pattern that cannot match inside a subfolder).
+SHARD_PATTERN = "model-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors"
 
 
 class UnsafePushError(ValueError):
-    """The folder cannot be pushed as it is: pickled weights, no safetensors weights, or missing code files."""
+    """The folder cannot be pushed as it is: pickled weights, no safetensors weights, missing code files, or
+    symlinks and index entries that lead outside it."""
+
+
+def stale_patterns() -> list[str]:
+    """What `push_to_hub(delete_stale=True)` may delete: top-level files of the kinds `files_to_push` uploads
+    (config, tokenizer, safetensors weights and shards, hf_relpos's own code files). Anything else in the repo
+    (other code, subfolders, pickles, ...) is never touched."""
+    return [*CONFIG_FILES, *TOKENIZER_FILES, SAFE_WEIGHTS, SAFE_INDEX, SHARD_PATTERN, *_relpos_code_files()]
+
+
+def _relpos_code_files() -> list[str]:
+    """The files of this package that travel as remote code: `configuration_*.py`, `modeling_*.py` and what they
+    import relatively."""
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    package = Path(__file__).resolve().parent
+    pending = [p.stem for p in package.glob("*.py") if p.name.startswith(("configuration_", "modeling_"))]
+    found: set[str] = set()
+    while pending:
+        module = pending.pop()
+        if module not in found:
+            found.add(module)
+            pending += get_relative_imports(package / f"{module}.py")
+    return sorted(f"{module}.py" for module in found)
+
+
+def _outside(folder: Path, names: list[str]) -> list[str]:
+    """The `names` whose path, symlinks followed, leaves `folder`."""
+    root = folder.resolve()
+    return [name for name in names if not (folder / name).resolve().is_relative_to(root)]
 
 
 def _code_files(folder: Path, config: dict) -> list[str]:
@@ -224,6 +253,10 @@ def files_to_push(folder: str | Path) -> list[str]:
         logger.info("Not pushing Trainer state (pickles): %s", ", ".join(pickles))
     if (folder / SAFE_INDEX).is_file():
         shards = sorted(set(json.loads((folder / SAFE_INDEX).read_text())["weight_map"].values()))
+        outside = _outside(folder, shards)
+        if outside:
+            raise UnsafePushError(f"Refusing to push {folder}: {SAFE_INDEX} names shards outside the folder: "
+                                  f"{', '.join(outside)}")
         missing = [shard for shard in shards if not (folder / shard).is_file()]
         if missing:
             raise UnsafePushError(f"{folder}/{SAFE_INDEX} names shards that are not there: {', '.join(missing)}")
@@ -234,7 +267,12 @@ def files_to_push(folder: str | Path) -> list[str]:
         raise UnsafePushError(f"{folder} has no {SAFE_WEIGHTS} (or {SAFE_INDEX}): nothing to push.")
     config = json.loads((folder / "config.json").read_text())
     optional = [name for name in (*CONFIG_FILES, *TOKENIZER_FILES, CARD_FILE) if (folder / name).is_file()]
-    return sorted({*optional, *weights, *_code_files(folder, config)})
+    files = sorted({*optional, *weights, *_code_files(folder, config)})
+    links = [f"{name} -> {(folder / name).resolve()}" for name in _outside(folder, files)]
+    if links:
+        raise UnsafePushError(f"Refusing to push {folder}: these symlinks lead outside it: {', '.join(links)}. "
+                              "Copy the files into the folder (`cp -L`) if they are meant to be published.")
+    return files
 
 
 def push_to_hub(
@@ -247,7 +285,7 @@ def push_to_hub(
     commit_description: str | None = None,
     create_pr: bool = False,
     overwrite_card: bool = False,
-    delete_stale: bool = True,
+    delete_stale: bool = False,
     endpoint: str | None = None,
     **card_kwargs,
 ) -> CommitInfo:
@@ -256,10 +294,11 @@ def push_to_hub(
     The card (`README.md`) is written first when the folder has none, or when `overwrite_card` is set (e.g. to
     replace the generic card Trainer writes); `card_kwargs` go to `render_model_card` (`base_model`, `datasets`,
     `dataset_name`, `license`, `language`). The repo is created when missing (`private` applies then), and the
-    branch `revision` when it does not exist yet. With `delete_stale`, weights and code files of an earlier push
-    that this folder does not have (old shards, pickles such as Trainer's `training_args.bin`) are deleted in the
-    same commit. Returns the `CommitInfo`;
-    `.oid` is the commit to pin in `from_pretrained(repo_id, revision=...)`.
+    branch `revision` when it does not exist yet. Nothing in the repo is deleted unless `delete_stale`: then the
+    top-level files of the kinds this function uploads (`stale_patterns()`: weights and shards, index, config,
+    tokenizer, hf_relpos's code files) that this folder does not have are deleted in the same commit; other files
+    (a `handler.py`, subfolders, pickles) are never touched. Returns the `CommitInfo`; `.oid` is the commit to pin
+    in `from_pretrained(repo_id, revision=...)`.
     """
     folder = Path(folder)
     files_to_push(folder)  # validate before anything is written or sent
@@ -275,7 +314,7 @@ def push_to_hub(
         repo_id=repo_id,
         folder_path=folder,
         allow_patterns=[glob.escape(name) for name in files],
-        delete_patterns=STALE_PATTERNS if delete_stale else None,
+        delete_patterns=stale_patterns() if delete_stale else None,
         revision=revision,
         commit_message=commit_message,
         commit_description=commit_description,

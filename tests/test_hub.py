@@ -7,9 +7,11 @@ cards.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import huggingface_hub
@@ -18,11 +20,12 @@ import torch
 import transformers.utils.hub as transformers_hub
 from conftest import tiny_bert_config
 from hub_server import LocalHub
-from huggingface_hub import HfApi, ModelCard, hf_hub_download
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, hf_hub_download
 from transformers import AutoTokenizer, Trainer, TrainingArguments
 
 from hf_relpos import RelPosBertForSequenceClassification, RelPosGPTConfig, RelPosGPTForCausalLM
 from hf_relpos import hub as relpos_hub
+from hf_relpos.cli import main as cli_main
 
 
 TOKEN = "hf_local_dummy_token"
@@ -272,6 +275,94 @@ def test_missing_code_file_is_refused(tmp_path):
         relpos_hub.files_to_push(tmp_path)
 
 
+# -- nothing deleted or leaked that the user did not ask for -----------------------------------------------------
+# What a real repo holds beside the model: none of it is hf_relpos's to delete.
+USER_FILES = {"handler.py", "scripts/train.py", "onnx/model.safetensors", "checkpoints/step-1000/model.safetensors",
+              "original/consolidated.pth"}
+# Files of the kinds hf_relpos uploads, left by an earlier (sharded, decoder, tokenizer-carrying) push.
+OWN_STALE = {"model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+             "modeling_relpos_gpt.py", "vocab.txt"}
+
+
+def test_push_deletes_nothing_by_default_and_only_its_own_kinds_with_delete_stale(local_hub, tmp_path):
+    repo = "tester/relpos-keep"
+    api = HfApi()
+    api.create_repo(repo)
+    api.create_commit(repo, [CommitOperationAdd(name, name.encode()) for name in USER_FILES | OWN_STALE],
+                      commit_message="what was there before")
+    RelPosBertForSequenceClassification(tiny_bert_config()).save_pretrained(tmp_path)
+    pushed = set(relpos_hub.files_to_push(tmp_path)) | {"README.md"}
+
+    relpos_hub.push_to_hub(tmp_path, repo)
+    assert local_hub.repo_files(repo) == USER_FILES | OWN_STALE | pushed
+
+    log = local_hub.store.repo_dir(repo) / "log.jsonl"
+    commits = len(log.read_text().splitlines())
+    assert cli_main(["push", str(tmp_path), repo, "--delete-stale"]) == 0
+    assert local_hub.repo_files(repo) == USER_FILES | pushed
+    assert len(log.read_text().splitlines()) == commits + 1  # deletions and uploads in one commit
+
+
+def test_push_refuses_a_symlink_out_of_the_folder_before_sending_anything(local_hub, tmp_path):
+    folder = tmp_path / "model"
+    RelPosBertForSequenceClassification(tiny_bert_config()).save_pretrained(folder)
+    (tmp_path / "secret.txt").write_text("password")
+    (folder / "vocab.txt").symlink_to("../secret.txt")
+    requests = len(local_hub.requests)
+    with pytest.raises(relpos_hub.UnsafePushError, match=r"symlinks lead outside it: vocab\.txt -> .*secret\.txt"):
+        relpos_hub.push_to_hub(folder, "tester/never-created-link")
+    assert len(local_hub.requests) == requests
+
+
+def test_push_refuses_an_index_entry_outside_the_folder_before_sending_anything(local_hub, tmp_path):
+    folder = tmp_path / "model"
+    RelPosBertForSequenceClassification(tiny_bert_config()).save_pretrained(folder)
+    (tmp_path / "outside.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    (folder / "model.safetensors").unlink()
+    index = {"metadata": {}, "weight_map": {"bert.pooler.dense.weight": "../outside.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    requests = len(local_hub.requests)
+    with pytest.raises(relpos_hub.UnsafePushError, match=r"shards outside the folder: \.\./outside\.safetensors"):
+        relpos_hub.push_to_hub(folder, "tester/never-created-index")
+    assert len(local_hub.requests) == requests
+
+
+def hub_snapshot(hub: LocalHub, repo: str) -> dict[str, bytes]:
+    return {name: path.read_bytes() for name, path in hub.store.files(repo, hub.store.resolve(repo, "main")).items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", ["preupload", "commit"])
+def test_sigkill_during_a_push_leaves_the_old_repo_or_the_complete_new_one(local_hub, tmp_path, kill_at):
+    repo = f"tester/relpos-killed-at-{kill_at}"
+    api = HfApi()
+    api.create_repo(repo)
+    api.create_commit(repo, [CommitOperationAdd(name, b"old " + name.encode()) for name in USER_FILES | OWN_STALE],
+                      commit_message="what was there before")
+    old = hub_snapshot(local_hub, repo)
+    folder = tmp_path / "model"
+    RelPosBertForSequenceClassification(tiny_bert_config()).save_pretrained(folder)
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    seen = len(local_hub.requests)
+    process = subprocess.Popen([sys.executable, "-m", "hf_relpos_cli", "push", str(folder), repo, "--delete-stale"],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(path.endswith(f"/{kill_at}/main") for _, path in local_hub.requests[seen:]):
+            assert process.poll() is None and time.monotonic() < deadline, "the push never reached " + kill_at
+            time.sleep(0.001)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    pushed = set(relpos_hub.files_to_push(folder))
+    new = {**{name: old[name] for name in USER_FILES}, **{name: (folder / name).read_bytes() for name in pushed}}
+    for _ in range(20):  # a commit the server received in full may still be landing: every state seen is old or new
+        with local_hub.store.lock:
+            assert hub_snapshot(local_hub, repo) in (old, new)
+        time.sleep(0.1)
+
+
 # -- Trainer.push_to_hub --------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_trainer_push_to_hub_uploads_code_and_auto_map(local_hub, tmp_path):
@@ -288,9 +379,10 @@ def test_trainer_push_to_hub_uploads_code_and_auto_map(local_hub, tmp_path):
     assert {"config.json", "model.safetensors", "README.md", *BERT_CODE} <= files
     config = json.loads(Path(hf_hub_download(TRAINER_REPO, "config.json")).read_text())
     assert set(config["auto_map"]) == BERT_AUTO
-    # Trainer uploads its output dir as is (training_args.bin included); hub.push_to_hub cleans that up.
+    # Trainer uploads its output dir as is (training_args.bin included). hub.push_to_hub adds the card; it deletes
+    # only files of the kinds it uploads, so the pickle stays even with delete_stale (HfApi.delete_file removes it).
     assert "training_args.bin" in files
-    relpos_hub.push_to_hub(args.output_dir, TRAINER_REPO, overwrite_card=True)
-    assert local_hub.repo_files(TRAINER_REPO) == {"config.json", "model.safetensors", "README.md", *BERT_CODE}
+    relpos_hub.push_to_hub(args.output_dir, TRAINER_REPO, overwrite_card=True, delete_stale=True)
+    assert local_hub.repo_files(TRAINER_REPO) == files | {"README.md"}
     card = ModelCard.load(TRAINER_REPO)
     assert "hf-relpos" in card.data.tags
