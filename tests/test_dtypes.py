@@ -160,6 +160,20 @@ def test_fp64_eager_equals_fp64_sdpa_on_a_left_padded_batch(name):
     torch.testing.assert_close(eager[real], reference[real], atol=1e-10, rtol=1e-10)
 
 
+
+@pytest.mark.parametrize("name", [name for name, cls in POSITION_ENCODINGS.items() if cls.has_bias])
+def test_fp64_blocked_training_kernel_equals_fp64_eager_on_a_left_padded_batch(name):
+    """sdpa under autograd on CPU runs the query-blocked kernel for a bias: its softmax is in fp64 too."""
+    model = gpt(name).double().train()
+    ids, mask = batch(decoder=True)
+    model.set_attn_implementation("eager")
+    reference = model(ids, attention_mask=mask).logits
+    model.set_attn_implementation("sdpa")
+    blocked = model(ids, attention_mask=mask).logits
+    assert torch.isfinite(blocked).all()
+    real = mask.bool()
+    torch.testing.assert_close(blocked[real], reference[real], atol=1e-10, rtol=1e-10)
+
 def xpos_scores_fp64(query, key, query_positions, key_positions, scale_base, theta=10000.0, gamma=0.4):
     """`q_i . k_j` of xPos from its definition, in fp64: for each rotary pair m (channels m and m + d/2, the
     GPT-NeoX layout), `zeta_m^((i-j)/B) [(q1 k1 + q2 k2) cos((j-i) theta_m) + (q2 k1 - q1 k2) sin((j-i) theta_m)]`."""
