@@ -340,8 +340,10 @@ class RotaryPositionEncoding(PositionEncoding):
         self.config = config
         self.rope_type = config.rope_parameters["rope_type"]
         # Beyond this length `dynamic` and `longrope` use the frequencies of the actual length (as transformers).
-        original = config.rope_parameters.get("original_max_position_embeddings")
-        self.original_max_seq_len = (original if self.rope_type == "longrope" else None) or config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        if self.rope_type == "longrope":
+            self.original_max_seq_len = config.rope_parameters.get("original_max_position_embeddings",
+                                                                   config.max_position_embeddings)
         inv_freq, self.attention_scaling = self.rope_init_fn(config)
         self.inv_freq = nn.Buffer(inv_freq, persistent=False)
 
