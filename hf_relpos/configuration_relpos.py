@@ -76,8 +76,14 @@ class RelPosPretrainedConfig(PreTrainedConfig):
         # transformers' own rope handling would fail on a non-dict with an AttributeError.
         _check_rope_parameters(self.rope_parameters)
         super().__post_init__(**kwargs)
-        # A saved auto_map (e.g. a user's own head class) wins over the family's defaults.
-        self.auto_map = {**self.family_auto_map, **(getattr(self, "auto_map", None) or {})}
+        # A saved auto_map entry (a user's own head class) wins over the family's, except the family's own classes
+        # as transformers prefixes them on a Hub load ("user/repo--modeling_relpos_bert.RelPosBertModel"): they
+        # point to the code saved beside the config again.
+        saved = {
+            auto_class: reference for auto_class, reference in (getattr(self, "auto_map", None) or {}).items()
+            if not isinstance(reference, str) or reference.split("--")[-1] != self.family_auto_map.get(auto_class)
+        }
+        self.auto_map = {**self.family_auto_map, **saved}
         self.validate_position_encoding()
 
     @classmethod

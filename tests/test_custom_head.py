@@ -61,3 +61,15 @@ def test_saved_auto_map_of_a_custom_head_is_kept_on_load(tmp_path, monkeypatch):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["MyTagger"]
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_family_classes_prefixed_by_a_hub_load_point_to_the_saved_code_again():
+    """transformers prefixes auto_map entries with the repo they were loaded from; the family's own classes are
+    saved beside the config, so they lose the prefix, while a user's class keeps its entry."""
+    config = tiny_bert_config(auto_map={
+        "AutoModel": "user/repo--modeling_relpos_bert.RelPosBertModel",
+        "AutoModelForTokenClassification": "user/repo--my_tagger.MyTagger",
+    })
+    assert config.auto_map["AutoModel"] == "modeling_relpos_bert.RelPosBertModel"
+    assert config.auto_map["AutoModelForTokenClassification"] == "user/repo--my_tagger.MyTagger"
+    assert config.auto_map["AutoModelForMaskedLM"] == "modeling_relpos_bert.RelPosBertForMaskedLM"
