@@ -48,23 +48,27 @@ def token_positions(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions of the queries `[batch, q_len]` and of all keys `[batch, k_len]` (cached ones included).
 
-    With a 2D `attention_mask`, positions count real tokens only (`cumsum(mask) - 1`), so left or right padding
-    leaves the positions, and every distance, of real tokens as in the unpadded sequence. `position_ids`, when
-    given, are the query positions. Keys past the mask (a static cache's empty slots) continue the count; they are
-    masked anyway.
+    With a 2D `attention_mask`, positions count real tokens only (`cumsum(mask != 0) - 1`: any non-zero entry is a
+    token, as in transformers' `BertModel`), so left or right padding leaves the positions, and every distance, of
+    real tokens as in the unpadded sequence. `position_ids`, when given, are the positions of the queries and of
+    the new keys (the same tokens); the cached keys are counted back from the first query by the mask's real
+    tokens (contiguously without a mask), so the count agrees with `position_ids = cumsum(mask) - 1`, as
+    `generate` passes them. Keys past the mask (a static cache's empty slots) continue the count; they are masked
+    anyway.
     """
     if attention_mask is not None and attention_mask.dim() == 2:
-        counted = attention_mask.to(device=device, dtype=torch.long).cumsum(-1) - 1
+        counted = (attention_mask.to(device) != 0).long().cumsum(-1) - 1
         key_positions = counted.clamp(min=0)[:, :key_length].expand(batch_size, -1)
     else:
         key_positions = torch.arange(min(key_length, past_length + query_length), device=device).expand(batch_size, -1)
-    query_positions = key_positions[:, past_length : past_length + query_length]
-    if position_ids is not None:
+    if position_ids is None:
+        query_positions = key_positions[:, past_length : past_length + query_length]
+    else:
         query_positions = position_ids.to(device).expand(batch_size, -1)
-        if attention_mask is None or attention_mask.dim() != 2:
-            # Cached keys precede the first query contiguously.
-            start = query_positions[:, :1] - past_length
-            key_positions = torch.cat((start + torch.arange(past_length, device=device), query_positions), dim=-1)
+        cached = key_positions[:, :past_length]
+        if past_length:
+            cached = cached - cached[:, -1:] + query_positions[:, :1] - 1
+        key_positions = torch.cat((cached, query_positions), dim=-1)[:, :key_length]
     if key_positions.shape[-1] < key_length:
         # A static cache attends over all its slots: the empty ones continue the count (they are masked anyway).
         extra = torch.arange(1, key_length - key_positions.shape[-1] + 1, device=device)
@@ -92,6 +96,39 @@ def check_attention_mask(
     )
 
 
+def check_inputs(
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    hidden_size: int,
+) -> None:
+    """Raise `ValueError` naming the expected shape unless exactly one of `input_ids` `[batch, len]` and
+    `inputs_embeds` `[batch, len, hidden_size]` is given, with `batch, len > 0`, and `position_ids` (if given) is
+    `[batch, len]` or `[1, len]`."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    if input_ids is not None and input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids has shape {tuple(input_ids.shape)}; expected [batch, len] (a single sequence is "
+            "input_ids[None])."
+        )
+    if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden_size):
+        raise ValueError(
+            f"inputs_embeds has shape {tuple(inputs_embeds.shape)}; expected [batch, len, hidden_size] with "
+            f"hidden_size = {hidden_size}."
+        )
+    batch_size, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+    if batch_size == 0 or length == 0:
+        name = "input_ids" if input_ids is not None else "inputs_embeds"
+        raise ValueError(f"{name} is empty (batch {batch_size}, length {length}); expected at least one token.")
+    if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch_size)
+                                     or position_ids.shape[1] != length):
+        raise ValueError(
+            f"position_ids has shape {tuple(position_ids.shape)}; expected [batch, len] = {(batch_size, length)} "
+            f"or [1, len] = {(1, length)}."
+        )
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -103,7 +140,7 @@ def eager_attention_forward(
     position_bias: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`softmax(q k^T * scaling + position_bias + mask) v`, softmax in fp32.
+    """`softmax(q k^T * scaling + position_bias + mask) v`, softmax in fp32 (or the scores' dtype when wider).
 
     `query` `[batch, heads, q_len, d]`, `key`/`value` `[batch, heads, k_len, d]`, `attention_mask` an additive
     float or a boolean (True = attend) mask broadcastable to `[batch, heads, q_len, k_len]`. Returns the output
@@ -117,7 +154,9 @@ def eager_attention_forward(
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + attention_mask[..., : key.shape[-2]]
-    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    # fp64 scores keep fp64: in fp32 their mask value finfo(float64).min becomes -inf, a fully masked row NaN.
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    weights = weights.to(query.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return output, weights

@@ -16,11 +16,24 @@ logger = logging.get_logger(__name__)
 
 
 def _check_positive(config, *names: str, allow_zero: bool = False) -> None:
+    """Raise `ValueError` naming the field unless each is an integer > 0 (>= 0 with `allow_zero`). An integral float
+    (`32.0`, as some JSON writers round-trip integers) is converted to `int` in place."""
     for name in names:
         value = getattr(config, name)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+            setattr(config, name, value)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
             bound = ">= 0" if allow_zero else "> 0"
-            raise ValueError(f"{name} must be an integer {bound}, got {value!r}.")
+            raise ValueError(f"{name} must be an integer {bound}, got {value!r} ({type(value).__name__}).")
+
+
+def _check_rope_parameters(rope_parameters) -> None:
+    if rope_parameters is not None and not isinstance(rope_parameters, dict):
+        raise ValueError(
+            "rope_parameters must be a dict such as {'rope_type': 'default', 'rope_theta': 10000.0} (or None), got "
+            f"{rope_parameters!r}."
+        )
 
 
 class RelPosPretrainedConfig(PreTrainedConfig):
@@ -60,8 +73,17 @@ class RelPosPretrainedConfig(PreTrainedConfig):
     family_auto_map: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self, **kwargs):
+        # transformers' own rope handling would fail on a non-dict with an AttributeError.
+        _check_rope_parameters(self.rope_parameters)
         super().__post_init__(**kwargs)
-        self.auto_map = dict(self.family_auto_map)
+        # A saved auto_map entry (a user's own head class) wins over the family's, except the family's own classes
+        # as transformers prefixes them on a Hub load ("user/repo--modeling_relpos_bert.RelPosBertModel"): they
+        # point to the code saved beside the config again.
+        saved = {
+            auto_class: reference for auto_class, reference in (getattr(self, "auto_map", None) or {}).items()
+            if not isinstance(reference, str) or reference.split("--")[-1] != self.family_auto_map.get(auto_class)
+        }
+        self.auto_map = {**self.family_auto_map, **saved}
         self.validate_position_encoding()
 
     @classmethod
@@ -83,6 +105,9 @@ class RelPosPretrainedConfig(PreTrainedConfig):
     def validate_position_encoding(self) -> None:
         """Raise `ValueError` naming the offending field; called at construction and again by the model."""
         encoding = get_encoding_class(self.position_embedding_type)
+        _check_rope_parameters(self.rope_parameters)
+        _check_positive(self, "hidden_size", "num_attention_heads", "vocab_size")
+        _check_positive(self, "num_hidden_layers", allow_zero=True)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
@@ -93,6 +118,8 @@ class RelPosPretrainedConfig(PreTrainedConfig):
             "relative_attention_max_distance", "xpos_scale_base", "fire_mlp_width",
         )
         _check_positive(self, "position_offset", "position_buckets", allow_zero=True)
+        if self.position_buckets == 1:
+            raise ValueError("position_buckets must be 0 (no bucketing) or an integer >= 2, got 1.")
         exact = self.relative_attention_num_buckets // (2 if not self.is_causal_model else 1) // 2
         if exact < 1 or self.relative_attention_max_distance <= exact:
             raise ValueError(
@@ -162,6 +189,7 @@ class RelPosBertConfig(RelPosPretrainedConfig):
                 "RelPosBertConfig is the bidirectional encoder: is_decoder and add_cross_attention must be False; "
                 "use RelPosGPTConfig for a decoder."
             )
+        _check_positive(self, "intermediate_size")
         _check_positive(self, "type_vocab_size", allow_zero=True)
         super().validate_position_encoding()
 
@@ -219,4 +247,6 @@ class RelPosGPTConfig(RelPosPretrainedConfig):
     def validate_position_encoding(self) -> None:
         if not self.is_decoder:
             raise ValueError("RelPosGPTConfig is a causal decoder: is_decoder must be True; use RelPosBertConfig.")
+        if self.n_inner is not None:
+            _check_positive(self, "n_inner")
         super().validate_position_encoding()

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils import logging
 
 
@@ -327,8 +327,10 @@ class RotaryPositionEncoding(PositionEncoding):
     """RoPE (Su et al. 2021): `q_i <- R(i theta) q_i`, `k_j <- R(j theta) k_j`, so `q_i.k_j` depends on `j - i`.
 
     Frequencies come from transformers' `ROPE_INIT_FUNCTIONS` for every `rope_parameters["rope_type"]`
-    (default, linear, dynamic, yarn, longrope, llama3, ...); `dynamic` and `longrope` update them with
-    transformers' `dynamic_rope_update` as the sequence grows.
+    (default, linear, dynamic, yarn, longrope, llama3, ...). `dynamic` and `longrope` rescale them past the original
+    length as transformers' `dynamic_rope_update` does, but per call, without writing to the module: threads may
+    share a model. The frequency buffers stay fp32 under `model.half()` / `.to(dtype)`, and cos/sin are computed
+    in fp32 before the cast, so angles at long positions keep fp32 accuracy.
     """
 
     name = "rope"
@@ -337,11 +339,13 @@ class RotaryPositionEncoding(PositionEncoding):
         super().__init__(config, causal)
         self.config = config
         self.rope_type = config.rope_parameters["rope_type"]
-        self.max_seq_len_cached = config.max_position_embeddings
+        # Beyond this length `dynamic` and `longrope` use the frequencies of the actual length (as transformers).
         self.original_max_seq_len = config.max_position_embeddings
+        if self.rope_type == "longrope":
+            self.original_max_seq_len = config.rope_parameters.get("original_max_position_embeddings",
+                                                                   config.max_position_embeddings)
         inv_freq, self.attention_scaling = self.rope_init_fn(config)
         self.inv_freq = nn.Buffer(inv_freq, persistent=False)
-        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
 
     @classmethod
     def validate(cls, config, causal: bool) -> None:
@@ -353,8 +357,8 @@ class RotaryPositionEncoding(PositionEncoding):
             raise ValueError(f"rope_parameters['rope_type']={rope_type!r} is not one of {allowed}.")
         for key in ("rope_theta", "factor"):
             value = rope_parameters.get(key)
-            if value is not None and not value > 0:
-                raise ValueError(f"rope_parameters[{key!r}] must be > 0, got {value}.")
+            if value is not None and (not isinstance(value, (int, float)) or not value > 0):
+                raise ValueError(f"rope_parameters[{key!r}] must be > 0, got {value!r}.")
         try:
             config.validate_rope()
         except KeyError as error:
@@ -378,13 +382,36 @@ class RotaryPositionEncoding(PositionEncoding):
         base = parameters["rope_theta"]
         return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
 
+    def _apply(self, fn, recurse=True):
+        # `half()` / `to(dtype)` would round the frequencies to 16 bits (2.6 rad off at position 16384): buffers
+        # follow the device only.
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, buffer in before.items():
+            after = self._buffers.get(name)
+            if buffer is not None and after is not None and after.dtype != buffer.dtype:
+                self._buffers[name] = after.to(buffer.dtype) if buffer.is_meta else buffer.to(after.device)
+        return self
+
+    def frequencies(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """`inv_freq` `[rotary_dim / 2]` (fp32) for a call at `position_ids`: `dynamic` / `longrope` past the
+        original length recompute them for the length `max(position_ids) + 1`, as `dynamic_rope_update` does,
+        without storing them."""
+        if "dynamic" in self.rope_type or self.rope_type == "longrope":
+            seq_len = int(position_ids.max()) + 1
+            if seq_len > self.original_max_seq_len:
+                return ROPE_INIT_FUNCTIONS[self.rope_type](self.config, position_ids.device, seq_len=seq_len)[0]
+        return self.inv_freq
+
     @torch.no_grad()
-    @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin `[batch, len, rotary_dim]` at `position_ids` `[batch, len]`."""
-        freqs = position_ids[..., None].float() * self.inv_freq.to(device=position_ids.device)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+        """cos and sin `[batch, len, rotary_dim]` at `position_ids` `[batch, len]`, computed in fp32 and cast to
+        `x.dtype`."""
+        inv_freq = self.frequencies(position_ids).to(device=position_ids.device, dtype=torch.float32)
+        with torch.autocast(device_type=position_ids.device.type, enabled=False):
+            freqs = position_ids[..., None].float() * inv_freq
+            emb = torch.cat((freqs, freqs), dim=-1)
+            return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
 
     def prepare(self, query_positions, key_positions, dtype, dense=True) -> PositionState:
         cos, sin = self(torch.empty(0, dtype=dtype, device=query_positions.device), query_positions)
@@ -399,39 +426,60 @@ class RotaryPositionEncoding(PositionEncoding):
     def init_weights(self, config) -> None:
         inv_freq, _ = self.rope_init_fn(config)
         init.copy_(self.inv_freq, inv_freq)
-        init.copy_(self.original_inv_freq, inv_freq)
 
 
 class XPosEncoding(RotaryPositionEncoding):
     """xPos (Sun et al. 2022): RoPE with a decay, `q_i <- zeta^(i/B) R(i) q_i`, `k_j <- zeta^(-j/B) R(j) k_j`,
     `zeta_m = (2m/d + gamma) / (1 + gamma)`, `gamma = 0.4`, `B = xpos_scale_base`; `q.k` decays as `zeta^((i-j)/B)`.
 
-    Causal by design. The scales grow as `zeta^(-j/B)` for keys: fp32 holds them to about 30 * B positions.
+    Causal by design. The scales are absolute (keys are scaled before they are cached, so a scale relative to a
+    moving centre would not match the cached keys): computed in fp32 (fp64 for fp64 models), they grow as
+    `zeta_0^(-j/B)` for keys and shrink as `zeta_0^(i/B)` for queries, so a dtype holds them to `safe_length`
+    (about 4.4 B positions in fp16, 66 B in bf16 / fp32); a position beyond it raises a `ValueError`.
     """
 
     name = "xpos"
     decoder_only = True
     gamma = 0.4
+    # Headroom for the query/key values themselves: the scales stay within [2^8 / max, max / 2^8] of the dtype.
+    headroom = 2.0**8
 
     def __init__(self, config, causal: bool):
         super().__init__(config, causal)
         self.scale_base = config.xpos_scale_base
 
+    def safe_length(self, dtype: torch.dtype) -> int:
+        """The largest `|position|` whose scales `zeta_0^(+-p/B)` stay within `[headroom / max, max / headroom]` of
+        `dtype`."""
+        room = math.log(torch.finfo(dtype).max / self.headroom)
+        return int(self.scale_base * room / math.log((1 + self.gamma) / self.gamma))
+
     def prepare(self, query_positions, key_positions, dtype, dense=True) -> PositionState:
+        safe = self.safe_length(dtype)
+        if not torch.compiler.is_compiling() and query_positions.numel():
+            farthest = int(query_positions.abs().max())
+            if farthest > safe:
+                raise ValueError(
+                    f"position_embedding_type='xpos' with xpos_scale_base={self.scale_base} holds positions up to "
+                    f"{safe} in {dtype} (the key scales grow as zeta^(-j/B)), got position {farthest}: use a larger "
+                    f"xpos_scale_base, float32 (up to {self.safe_length(torch.float32)}), or a shorter input."
+                )
         state = super().prepare(query_positions, key_positions, dtype, dense)
+        compute = torch.promote_types(dtype, torch.float32)
         rotary_dim = state.tables["cos"].shape[-1]
-        zeta = (torch.arange(0, rotary_dim, 2, device=query_positions.device, dtype=torch.float32) / rotary_dim
+        zeta = (torch.arange(0, rotary_dim, 2, device=query_positions.device, dtype=compute) / rotary_dim
                 + self.gamma) / (1 + self.gamma)
-        scale = zeta ** (query_positions[..., None].float() / self.scale_base)
+        scale = zeta ** (query_positions[..., None].to(compute) / self.scale_base)
         state.tables["scale"] = torch.cat((scale, scale), dim=-1)
         return state
 
     def rotate(
         self, query: torch.Tensor, key: torch.Tensor, state: PositionState
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin, scale = state.tables["cos"].float(), state.tables["sin"].float(), state.tables["scale"]
-        query = apply_rotary(query.float(), cos * scale, sin * scale).to(query.dtype)
-        key = apply_rotary(key.float(), cos / scale, sin / scale).to(key.dtype)
+        scale = state.tables["scale"]
+        cos, sin = state.tables["cos"].to(scale.dtype), state.tables["sin"].to(scale.dtype)
+        query = apply_rotary(query.to(scale.dtype), cos * scale, sin * scale).to(query.dtype)
+        key = apply_rotary(key.to(scale.dtype), cos / scale, sin / scale).to(key.dtype)
         return query, key
 
 
@@ -964,7 +1012,7 @@ POSITION_ENCODINGS: dict[str, type[PositionEncoding]] = {
 
 def get_encoding_class(position_embedding_type: str) -> type[PositionEncoding]:
     """The registered class of `position_embedding_type`, or a `ValueError` listing the allowed names."""
-    if position_embedding_type not in POSITION_ENCODINGS:
+    if not isinstance(position_embedding_type, str) or position_embedding_type not in POSITION_ENCODINGS:
         raise ValueError(
             f"position_embedding_type={position_embedding_type!r} is not supported; choose one of "
             f"{sorted(POSITION_ENCODINGS)}."
@@ -972,8 +1020,25 @@ def get_encoding_class(position_embedding_type: str) -> type[PositionEncoding]:
     return POSITION_ENCODINGS[position_embedding_type]
 
 
+# The most memory an encoding's parameters and buffers may take (a typo like max_relative_positions=10**9 would
+# otherwise allocate, and initialise, tens of GiB).
+MAX_ENCODING_BYTES = 4 * 2**30
+
+
 def build_position_encoding(config, causal: bool) -> PositionEncoding:
-    """Validate `config` for its `position_embedding_type` and build the encoding."""
+    """Validate `config` for its `position_embedding_type` and build the encoding, first on the meta device to
+    refuse one larger than `MAX_ENCODING_BYTES`."""
     cls = get_encoding_class(config.position_embedding_type)
     cls.validate(config, causal)
+    with torch.device("meta"):
+        probe = cls(config, causal)
+    size = sum(tensor.numel() * tensor.element_size() for tensor in (*probe.parameters(), *probe.buffers()))
+    if size > MAX_ENCODING_BYTES:
+        fields = ("max_position_embeddings", "max_relative_positions", "position_buckets",
+                  "relative_attention_num_buckets", "fire_mlp_width", "hidden_size", "num_hidden_layers")
+        values = ", ".join(f"{name}={getattr(config, name)}" for name in fields)
+        raise ValueError(
+            f"position_embedding_type={cls.name!r} would take {size / 2**30:.1f} GiB of position parameters, more "
+            f"than the {MAX_ENCODING_BYTES // 2**30} GiB allowed: reduce its table sizes ({values})."
+        )
     return cls(config, causal)

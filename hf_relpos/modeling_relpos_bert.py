@@ -34,6 +34,7 @@ from .attention import (
     RelPosPreTrainedModel,
     attention_forward,
     check_attention_mask,
+    check_inputs,
     dense_bias,
     token_positions,
 )
@@ -184,8 +185,7 @@ class RelPosBertModel(RelPosBertPreTrainedModel):
     ) -> BaseModelOutputWithPoolingAndCrossAttentions:
         """`attention_mask` `[batch, len]` (1 = token, 0 = padding); positions count real tokens only, so padding
         on either side leaves every real token's output unchanged."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        check_inputs(input_ids, inputs_embeds, position_ids, self.config.hidden_size)
         if inputs_embeds is None:
             inputs_embeds = self.embeddings.word_embeddings(input_ids)
         batch_size, length = inputs_embeds.shape[:2]

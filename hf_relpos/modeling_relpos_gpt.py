@@ -33,6 +33,7 @@ from .attention import (
     attention_forward,
     cache_argument,
     check_attention_mask,
+    check_inputs,
     dense_bias,
     token_positions,
 )
@@ -212,8 +213,7 @@ class RelPosGPTModel(RelPosGPTPreTrainedModel):
         """`attention_mask` `[batch, past + len]` (1 = token, 0 = padding) sets the positions of real tokens, so a
         left-padded batch generates as each prompt alone. The KV cache comes as `cache` or `past_key_values`."""
         cache = cache_argument(cache, kwargs)
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        check_inputs(input_ids, inputs_embeds, position_ids, self.config.hidden_size)
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
         if use_cache and cache is None:

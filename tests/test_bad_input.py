@@ -9,6 +9,7 @@ import ast
 import contextlib
 import logging as pylogging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -191,6 +192,44 @@ def test_decoder_mask_longer_than_the_sequence():
 def test_decoder_mask_of_another_batch_size():
     with pytest.raises(ValueError, match="attention_mask"):
         gpt()(ids(), attention_mask=torch.ones(3, 8, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Input shapes, checked on entry to forward (encoder and decoder share one check)
+# ----------------------------------------------------------------------------------------------------------------
+
+MODELS = pytest.mark.parametrize("model", [bert, gpt], ids=["encoder", "decoder"])
+
+
+@MODELS
+@pytest.mark.parametrize("shape", [(0, 8), (2, 0)], ids=["empty_batch", "zero_length"])
+def test_empty_input_names_the_problem(model, shape):
+    with pytest.raises(ValueError, match=rf"input_ids is empty \(batch {shape[0]}, length {shape[1]}\); expected at "
+                                         "least one token"):
+        model()(torch.zeros(shape, dtype=torch.long))
+
+
+@MODELS
+def test_one_dimensional_input_ids_name_the_expected_shape(model):
+    with pytest.raises(ValueError, match=r"input_ids has shape \(8,\); expected \[batch, len\]"):
+        model()(ids(1, 8)[0])
+
+
+@MODELS
+@pytest.mark.parametrize("shape", [(2, 5), (3, 8), (8,), (2, 8, 1)])
+def test_position_ids_of_the_wrong_shape_name_the_expected_shape(model, shape):
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    with pytest.raises(ValueError, match=rf"position_ids has shape {re.escape(str(shape))}; expected \[batch, len\] = "
+                                         r"\(2, 8\) or \[1, len\] = \(1, 8\)"):
+        model()(ids(), position_ids=position_ids)
+
+
+@MODELS
+@pytest.mark.parametrize("shape", [(2, 8, 16), (2, 8)])
+def test_inputs_embeds_of_the_wrong_shape_name_the_hidden_size(model, shape):
+    with pytest.raises(ValueError, match=r"inputs_embeds has shape .*; expected \[batch, len, hidden_size\] with "
+                                         "hidden_size = 32"):
+        model()(inputs_embeds=torch.zeros(shape))
 
 
 # ----------------------------------------------------------------------------------------------------------------

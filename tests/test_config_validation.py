@@ -1,10 +1,13 @@
 """Bad configurations fail at construction with a ValueError that names the field; BERT configs load."""
 
+import json
+
 import pytest
-from conftest import ENCODER_ENCODINGS, tiny_bert_config
+import torch
+from conftest import ENCODER_ENCODINGS, tiny_bert_config, tiny_gpt_config
 from transformers import BertConfig
 
-from hf_relpos import POSITION_ENCODINGS, RelPosBertConfig
+from hf_relpos import POSITION_ENCODINGS, RelPosBertConfig, RelPosBertModel
 
 
 def test_unknown_position_embedding_type_names_field_and_allowed_values():
@@ -109,3 +112,78 @@ def test_config_round_trips_position_fields(tmp_path):
     loaded = RelPosBertConfig.from_pretrained(tmp_path)
     assert loaded.position_embedding_type == "rope"
     assert loaded.rope_parameters["rope_type"] == "yarn" and loaded.rope_parameters["factor"] == 2.0
+
+
+@pytest.mark.parametrize("field", ["num_attention_heads", "hidden_size"])
+@pytest.mark.parametrize("value", [0, -4])
+def test_non_positive_sizes_raise_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"{field} must be an integer > 0, got {value}"):
+        tiny_bert_config(**{field: value})
+
+
+@pytest.mark.parametrize("field", ["n_head", "n_embd"])
+def test_non_positive_gpt_sizes_raise_naming_the_field(field):
+    name = {"n_head": "num_attention_heads", "n_embd": "hidden_size"}[field]
+    with pytest.raises(ValueError, match=rf"{name} must be an integer > 0, got 0"):
+        tiny_gpt_config(**{field: 0})
+
+
+@pytest.mark.parametrize("field", ["hidden_size", "num_attention_heads", "max_relative_positions", "vocab_size"])
+def test_string_numbers_raise_naming_the_field_and_type(field):
+    with pytest.raises(ValueError, match=rf"{field} must be an integer > 0, got '4' \(str\)"):
+        tiny_bert_config(position_embedding_type="relative_key", **{field: "4"})
+
+
+def test_a_list_as_the_encoding_name_lists_the_allowed_names():
+    with pytest.raises(ValueError, match=r"position_embedding_type=\['alibi'\] is not supported; choose one of"):
+        tiny_bert_config(position_embedding_type=["alibi"])
+
+
+@pytest.mark.parametrize("value", ["default", ["default"]])
+def test_rope_parameters_that_are_not_a_dict_raise(value):
+    with pytest.raises(ValueError, match=r"rope_parameters must be a dict such as \{'rope_type': 'default'"):
+        tiny_bert_config(position_embedding_type="rope", rope_parameters=value)
+
+
+def test_rope_theta_given_as_a_string_raises_naming_it():
+    with pytest.raises(ValueError, match=r"rope_parameters\['rope_theta'\] must be > 0, got '1e4'"):
+        tiny_bert_config(position_embedding_type="rope", rope_parameters={"rope_type": "default", "rope_theta": "1e4"})
+
+
+def test_deberta_position_buckets_of_one_raise():
+    with pytest.raises(ValueError, match="position_buckets must be 0 .no bucketing. or an integer >= 2, got 1"):
+        tiny_bert_config(position_embedding_type="deberta", position_buckets=1)
+
+
+def test_integral_float_sizes_in_config_json_load_as_integers(tmp_path):
+    """Some JSON writers round-trip integers as floats: `32.0` is read as 32, and the model runs."""
+    tiny_bert_config(position_embedding_type="alibi").save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved.update(hidden_size=32.0, num_attention_heads=4.0, num_hidden_layers=2.0)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = RelPosBertConfig.from_pretrained(tmp_path)
+    assert (config.hidden_size, config.num_attention_heads, config.num_hidden_layers) == (32, 4, 2)
+    assert all(type(value) is int for value in (config.hidden_size, config.num_attention_heads))
+    output = RelPosBertModel(config)(torch.tensor([[5, 6, 7]])).last_hidden_state
+    assert output.shape == (1, 3, 32)
+
+
+def test_fractional_float_sizes_raise():
+    with pytest.raises(ValueError, match=r"hidden_size must be an integer > 0, got 32.5 \(float\)"):
+        tiny_bert_config(hidden_size=32.5)
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "field"),
+    [
+        ("relative_key", {"max_relative_positions": 10**9}, "max_relative_positions=1000000000"),
+        ("absolute", {"max_position_embeddings": 10**9}, "max_position_embeddings=1000000000"),
+        ("deberta", {"max_relative_positions": 10**9, "position_buckets": 0}, "max_relative_positions=1000000000"),
+    ],
+)
+def test_position_tables_beyond_the_memory_bound_are_refused_with_their_size(name, overrides, field):
+    """The encoding is sized on the meta device first: nothing is allocated, the error gives the size."""
+    config = tiny_bert_config(position_embedding_type=name, **overrides)
+    with pytest.raises(ValueError, match=rf"would take \d+\.\d GiB of position parameters, more than the 4 GiB "
+                                         rf"allowed: reduce its table sizes \(.*{field}"):
+        RelPosBertModel(config)

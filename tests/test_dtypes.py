@@ -142,3 +142,97 @@ def test_alibi_bias_is_built_in_fp32_before_the_cast():
     slopes = bias[0, :, 0, 1].neg()
     torch.testing.assert_close(bias[0, :, 0, 2], -2 * slopes)
     assert (slopes > 0).all()
+
+
+@pytest.mark.parametrize("name", DECODER_ENCODINGS)
+def test_fp64_eager_equals_fp64_sdpa_on_a_left_padded_batch(name):
+    """The eager kernel's softmax runs in fp64 for fp64 scores: in fp32, the mask value finfo(float64).min becomes
+    -inf, the fully masked row NaN, and the next layer spreads it."""
+    model = gpt(name).double().eval()
+    ids, mask = batch(decoder=True)
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        reference = model(ids, attention_mask=mask).logits
+        model.set_attn_implementation("eager")
+        eager = model(ids, attention_mask=mask).logits
+    assert torch.isfinite(eager).all()
+    real = mask.bool()
+    torch.testing.assert_close(eager[real], reference[real], atol=1e-10, rtol=1e-10)
+
+
+
+@pytest.mark.parametrize("name", [name for name, cls in POSITION_ENCODINGS.items() if cls.has_bias])
+def test_fp64_blocked_training_kernel_equals_fp64_eager_on_a_left_padded_batch(name):
+    """sdpa under autograd on CPU runs the query-blocked kernel for a bias: its softmax is in fp64 too."""
+    model = gpt(name).double().train()
+    ids, mask = batch(decoder=True)
+    model.set_attn_implementation("eager")
+    reference = model(ids, attention_mask=mask).logits
+    model.set_attn_implementation("sdpa")
+    blocked = model(ids, attention_mask=mask).logits
+    assert torch.isfinite(blocked).all()
+    real = mask.bool()
+    torch.testing.assert_close(blocked[real], reference[real], atol=1e-10, rtol=1e-10)
+
+def xpos_scores_fp64(query, key, query_positions, key_positions, scale_base, theta=10000.0, gamma=0.4):
+    """`q_i . k_j` of xPos from its definition, in fp64: for each rotary pair m (channels m and m + d/2, the
+    GPT-NeoX layout), `zeta_m^((i-j)/B) [(q1 k1 + q2 k2) cos((j-i) theta_m) + (q2 k1 - q1 k2) sin((j-i) theta_m)]`."""
+    half = query.shape[-1] // 2
+    m = torch.arange(half, dtype=torch.float64)
+    theta_m = theta ** (-2 * m / (2 * half))
+    zeta = (2 * m / (2 * half) + gamma) / (1 + gamma)
+    distance = (key_positions[None, :] - query_positions[:, None]).double()[..., None]  # [q, k, half]
+    q1, q2 = query[..., :half].double()[:, :, :, None], query[..., half:].double()[:, :, :, None]
+    k1, k2 = key[..., :half].double()[:, :, None], key[..., half:].double()[:, :, None]
+    angle = distance * theta_m
+    terms = (q1 * k1 + q2 * k2) * angle.cos() + (q2 * k1 - q1 * k2) * angle.sin()
+    return (terms * zeta ** (-distance / scale_base)).sum(-1)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale_base", "atol"),
+    [(torch.float16, 512, 0.03), (torch.bfloat16, 64, 0.15), (torch.float32, 64, 1e-3)],
+    ids=["fp16", "bf16", "fp32"],
+)
+def test_xpos_scores_at_its_safe_length_equal_the_fp64_definition(dtype, scale_base, atol):
+    encoding = gpt("xpos", xpos_scale_base=scale_base, n_positions=8192).transformer.wpe
+    safe = encoding.safe_length(dtype)
+    positions = torch.arange(safe - 63, safe + 1)[None]
+    generator = torch.Generator().manual_seed(4)
+    query, key = (torch.randn(1, encoding.num_heads, 64, encoding.head_dim, generator=generator) for _ in range(2))
+    state = encoding.prepare(positions, positions, dtype)
+    rotated_query, rotated_key = encoding.rotate(query.to(dtype), key.to(dtype), state)
+    assert torch.isfinite(rotated_query).all() and torch.isfinite(rotated_key).all()
+    scores = rotated_query.double() @ rotated_key.double().transpose(-1, -2)
+    reference = xpos_scores_fp64(query.to(dtype), key.to(dtype), positions[0], positions[0], scale_base)
+    torch.testing.assert_close(scores, reference, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale_base", "position"),
+    [(torch.float16, 512, 5007), (torch.bfloat16, 64, 4535), (torch.float32, 64, 4535)],
+    ids=["fp16", "bf16", "fp32"],
+)
+def test_xpos_past_its_safe_length_raises_naming_it(dtype, scale_base, position):
+    model = gpt("xpos", xpos_scale_base=scale_base, n_positions=8192).to(dtype).eval()
+    with pytest.raises(ValueError, match=r"xpos_scale_base=\d+ holds positions up to \d+ in torch\.\w+"):
+        model(torch.tensor([[5, 6]]), position_ids=torch.tensor([[position - 1, position]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_rope_frequencies_stay_fp32_under_a_cast(dtype):
+    """`model.half()` / `.to(bfloat16)` leave rope's frequencies fp32: the angles at position 16384 are those of the
+    fp32 model, and the cast cos/sin are within the dtype's rounding of the fp64 definition."""
+    reference = gpt("rope", n_positions=32768).transformer.wpe
+    encoding = gpt("rope", n_positions=32768).to(dtype).transformer.wpe
+    assert encoding.inv_freq.dtype == torch.float32
+    positions = torch.tensor([[16384]])
+    expected = reference.prepare(positions, positions, torch.float32).tables
+    got = encoding.prepare(positions, positions, torch.float32).tables
+    assert torch.equal(got["cos"], expected["cos"]) and torch.equal(got["sin"], expected["sin"])
+    half = encoding.prepare(positions, positions, dtype).tables
+    angles = 16384 * 10000.0 ** (-torch.arange(0, encoding.head_dim, 2, dtype=torch.float64) / encoding.head_dim)
+    angles = torch.cat((angles, angles))
+    rounding = torch.finfo(dtype).eps
+    torch.testing.assert_close(half["cos"][0, 0].double(), angles.cos(), atol=rounding, rtol=0)
+    torch.testing.assert_close(half["sin"][0, 0].double(), angles.sin(), atol=rounding, rtol=0)

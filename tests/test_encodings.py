@@ -1,6 +1,7 @@
 """Each position encoding against an independent formula or transformers' own implementation of it."""
 
 import math
+import threading
 
 import pytest
 import torch
@@ -488,3 +489,50 @@ def test_encodings_without_bias_have_no_bias_or_score_mod(name):
     q, key = qk(1, 5, 5)
     assert encoding.bias(q, key, state, 0) is None
     assert encoding.score_mod(q, key, state, 0) is None
+
+
+@pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])
+def test_rope_forward_does_not_mutate_the_module(rope_type):
+    encoding, _ = make_encoding("rope", rope_parameters=dict(ROPE_PARAMETERS[rope_type]))
+    before = {name: buffer.clone() for name, buffer in encoding.named_buffers()}
+    attributes = dict(vars(encoding))
+    for length in (200, 10, 100):
+        encoding.prepare(torch.arange(length)[None], torch.arange(length)[None], torch.float32)
+    assert before.keys() == dict(encoding.named_buffers()).keys()
+    for name, buffer in encoding.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+    assert {name: value for name, value in vars(encoding).items() if name[0] != "_"} == {
+        name: value for name, value in attributes.items() if name[0] != "_"
+    }
+
+
+@pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])
+def test_rope_from_four_threads_gives_each_call_its_single_threaded_result(rope_type):
+    """Lengths on both sides of the original length, in a random order, from 4 threads sharing one module: every
+    cos/sin equals that of the same call alone on a fresh module (the frequencies are computed per call)."""
+    parameters = ROPE_PARAMETERS[rope_type]
+    lengths = [12, 40, 100, 150, 20, 64, 65, 200]
+    reference = {}
+    for length in lengths:
+        fresh, _ = make_encoding("rope", rope_parameters=dict(parameters))
+        reference[length] = fresh.prepare(torch.arange(length)[None], torch.arange(length)[None], torch.float32)
+    shared, _ = make_encoding("rope", rope_parameters=dict(parameters))
+    barrier, wrong = threading.Barrier(4), []
+
+    def work(seed: int) -> None:
+        order = torch.randint(len(lengths), (200,), generator=torch.Generator().manual_seed(seed)).tolist()
+        barrier.wait()
+        for index in order:
+            length = lengths[index]
+            state = shared.prepare(torch.arange(length)[None], torch.arange(length)[None], torch.float32)
+            expected = reference[length].tables
+            if not (torch.equal(state.tables["cos"], expected["cos"]) and
+                    torch.equal(state.tables["sin"], expected["sin"])):
+                wrong.append(length)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not wrong, f"{len(wrong)} of 800 calls were wrong (lengths {sorted(set(wrong))})"
