@@ -347,11 +347,12 @@ def load_converted(
     """
     source = os.fspath(source)
     if source.endswith(".gguf"):
-        with tempfile.TemporaryDirectory() as folder:
+        with tempfile.TemporaryDirectory() as folder, _held_back(logger):
             _save_gguf_as_safetensors(source, folder)
             model = load_converted(model_class, folder, position_embedding_type, dtype=dtype,
                                    attn_implementation=attn_implementation, **config_overrides)
         model.conversion_report.source = source
+        _log_report(model.conversion_report)
         return model
     hub_kwargs = {"revision": revision, "cache_dir": cache_dir, "token": token, "local_files_only": local_files_only}
     source_config = AutoConfig.from_pretrained(source, **hub_kwargs)
@@ -388,11 +389,29 @@ def load_converted(
 
     report = _build_report(source, source_config, model, config, key_mapping, loading_info)
     model.conversion_report = report
+    _log_report(report)
+    return model
+
+
+def _log_report(report: ConversionReport) -> None:
     if report.is_lossless:
         logger.info(str(report))
     else:
         logger.warning(str(report))
-    return model
+
+
+@contextlib.contextmanager
+def _held_back(held_logger):
+    """Drop what `held_logger` logs meanwhile (the report of a GGUF's temporary folder, logged again under the file's
+    own path)."""
+    def drop_all(record) -> bool:
+        return False
+
+    held_logger.addFilter(drop_all)
+    try:
+        yield
+    finally:
+        held_logger.removeFilter(drop_all)
 
 
 def _build_report(source, source_config, model, config, key_mapping, loading_info) -> ConversionReport:
