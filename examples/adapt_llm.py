@@ -107,8 +107,11 @@ def main(argv=None) -> dict:
         train_dataset = blocks(train_ids, adapt_args.block_size)
         Trainer(model=model.train(), args=training_args, train_dataset=train_dataset).train()
         adapted = perplexity(model, heldout_ids, adapt_args)
-        model.save_pretrained(os.path.join(training_args.output_dir, f"smollm2-{name}"))
-        tokenizer.save_pretrained(os.path.join(training_args.output_dir, f"smollm2-{name}"))
+        folder = os.path.join(training_args.output_dir, f"smollm2-{name}")
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        with open(os.path.join(folder, "eval_results.json"), "w") as handle:  # read by `hf-relpos card`
+            json.dump({"eval_perplexity": adapted, "eval_perplexity_after_conversion": converted}, handle, indent=1)
         results["encodings"][name] = {"before_conversion": results["original_perplexity"],
                                       "after_conversion": converted, "after_adaptation": adapted}
         logger.info(f"{name}: perplexity {results['original_perplexity']:.2f} (original) -> {converted:.2f} "

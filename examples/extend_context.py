@@ -37,13 +37,13 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 
 
 def scalings(factor: float, original: int) -> dict[str, dict | None]:
-    """`rope_parameters` overrides per RoPE scaling type, each stretching the trained `original` positions by
-    `factor` (None: the model as shipped)."""
+    """`rope_parameters` overrides per RoPE scaling type (linear: position interpolation; dynamic: NTK-aware), each
+    stretching the trained `original` positions by `factor` (None: the model as shipped)."""
     common = {"rope_theta": None, "factor": factor, "original_max_position_embeddings": original}
     return {
-        "as shipped": None,
-        "linear (PI)": {**common, "rope_type": "linear"},
-        "dynamic NTK": {**common, "rope_type": "dynamic"},
+        "shipped": None,
+        "linear": {**common, "rope_type": "linear"},
+        "dynamic": {**common, "rope_type": "dynamic"},
         "yarn": {**common, "rope_type": "yarn"},
         "llama3": {**common, "rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0},
     }
@@ -86,6 +86,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--factor", type=float, default=4.0, help="scaling factor of every RoPE scaling type")
     parser.add_argument("--eval_tokens", type=int, default=4096, help="held-out tokens scored per length")
     parser.add_argument("--passkey_samples", type=int, default=5, help="prompts per length (0: no passkey)")
+    parser.add_argument("--scalings", help="comma-separated subset of: " + ", ".join(scalings(1.0, 1)))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -100,8 +101,12 @@ def main(argv=None) -> dict:
     original = RelPosLlamaForCausalLM.from_pretrained(source).config.max_position_embeddings
     results = {"lengths": lengths, "factor": args.factor, "trained_positions": original,
                "eval_tokens": args.eval_tokens, "perplexity": {}, "passkey": {}}
-    for name, overrides in scalings(args.factor, original).items():
-        model = load(source, overrides)
+    variants = scalings(args.factor, original)
+    chosen = args.scalings.split(",") if args.scalings else list(variants)
+    if unknown := set(chosen) - set(variants):
+        parser.error(f"unknown --scalings {sorted(unknown)}; choose from {list(variants)}")
+    for name in chosen:
+        model = load(source, variants[name])
         results["perplexity"][name] = evaluate_perplexity(model, heldout, lengths, max_tokens=args.eval_tokens,
                                                           batch_size=1)
         if args.passkey_samples:
