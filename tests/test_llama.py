@@ -216,3 +216,21 @@ def test_causal_lm_loss_trains_every_encoding_parameter_under_gqa():
     model(ids, labels=ids).loss.backward()
     table = model.model.position_encoding.distance_embedding[0].weight
     assert table.grad is not None and table.grad.abs().sum() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["alibi", "relative_key_query"])
+def test_flex_attention_serves_grouped_keys_like_eager(name):
+    """Flex attention runs grouped keys with `enable_gqa` (compiled prefill, uncompiled decode steps)."""
+    model, ids = tiny_lm(name), prompts(2, 16)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    outputs = {}
+    for implementation in ("eager", "flex_attention"):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask).logits
+        outputs[implementation] = (logits, greedy(model, ids, attention_mask=mask))
+    real = mask.bool()
+    torch.testing.assert_close(outputs["flex_attention"][0][real], outputs["eager"][0][real], atol=1e-5, rtol=0)
+    assert torch.equal(outputs["flex_attention"][1], outputs["eager"][1])
