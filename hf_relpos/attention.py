@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers.cache_utils import Cache
+from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
@@ -142,10 +143,13 @@ def eager_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`softmax(q k^T * scaling + position_bias + mask) v`, softmax in fp32 (or the scores' dtype when wider).
 
-    `query` `[batch, heads, q_len, d]`, `key`/`value` `[batch, heads, k_len, d]`, `attention_mask` an additive
+    `query` `[batch, heads, q_len, d]`, `key`/`value` `[batch, kv_heads, k_len, d]` (grouped-query attention when
+    `kv_heads < heads`: each key head serves `heads / kv_heads` query heads), `attention_mask` an additive
     float or a boolean (True = attend) mask broadcastable to `[batch, heads, q_len, k_len]`. Returns the output
     `[batch, q_len, heads, d]` and the weights `[batch, heads, q_len, k_len]`.
     """
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if position_bias is not None:
         scores = scores + position_bias
@@ -193,15 +197,17 @@ def flex_attention_forward(
             "'sdpa' or 'eager', and use 'flex_attention' for inference and generation (torch.no_grad())."
         )
     block_mask = attention_mask if isinstance(attention_mask, BlockMask) else None
+    enable_gqa = key.shape[1] != query.shape[1]
     if query.shape[2] == 1:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            output = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling)
+            output = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
+                                    enable_gqa=enable_gqa)
     else:
         # Contiguous inputs keep one compiled graph per shape (cached keys arrive with other strides).
         query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
         output = compiled_flex_attention()(query, key, value, score_mod=score_mod, block_mask=block_mask,
-                                           scale=scaling)
+                                           scale=scaling, enable_gqa=enable_gqa)
     return output.transpose(1, 2).contiguous(), None
 
 
@@ -364,6 +370,8 @@ def query_blocked_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """sdpa's contract (`[batch, q_len, heads, d]`, no weights, causal when no mask is given) computed by
     `QueryBlockedAttention` with the bias rows of `encoding` (or of its dense bias, when `prepare` built one)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     if state.dense:
         tables, row_tables = (encoding.bias(query, key, state, module.layer_idx),), 1
 
@@ -412,8 +420,10 @@ def attention_forward(
     """Attention of `query` `[batch, heads, q_len, d]` over the new `key`/`value` `[batch, heads, new, d]` (and the
     cached ones), with the position terms of `encoding` (None: cross-attention, no position terms).
 
-    `scale` multiplies the encoding's softmax scale (GPT-2's `scale_attn_by_inverse_layer_idx`). Returns
-    `[batch, q_len, heads, d]` and the attention weights when the kernel produces them.
+    `scale` multiplies the encoding's softmax scale (GPT-2's `scale_attn_by_inverse_layer_idx`). Keys and values
+    may have fewer heads than the queries (grouped-query attention): the cache keeps them so, each kernel serves them
+    (transformers' sdpa reads `module.num_key_value_groups`), and content-bias encodings see the keys repeated to
+    the query heads. Returns `[batch, q_len, heads, d]` and the attention weights when the kernel produces them.
     """
     scaling = scale * query.shape[-1] ** -0.5
     if encoding is not None:
@@ -423,13 +433,14 @@ def attention_forward(
     implementation = resolve_kernel(module.config._attn_implementation, encoding)
     if encoding is not None:
         scaling = scale * encoding.scaling(query.shape[-1])
+        bias_key = repeat_kv(key, query.shape[1] // key.shape[1]) if encoding.content_bias else key
         if implementation == "flex_attention":
-            kwargs["score_mod"] = encoding.score_mod(query, key, state, module.layer_idx)
+            kwargs["score_mod"] = encoding.score_mod(query, bias_key, state, module.layer_idx)
         elif implementation == "sdpa" and (not state.dense or blocked_training(module.config, encoding, query.device)):
             return query_blocked_attention_forward(
                 module, query, key, value, attention_mask, encoding, state, scaling, dropout, **kwargs
             )
-        elif (bias := encoding.bias(query, key, state, module.layer_idx)) is not None:
+        elif (bias := encoding.bias(query, bias_key, state, module.layer_idx)) is not None:
             kwargs["position_bias"] = bias
     if implementation == "flex_attention":  # the one kernel that takes a `score_mod`: see `dense_bias`
         interface = flex_attention_forward

@@ -1,6 +1,6 @@
-"""Configurations of the relpos encoder (BERT field names) and decoder (GPT-2 field names).
+"""Configurations of the relpos encoder (BERT field names) and decoders (GPT-2 and Llama field names).
 
-Both share the position fields of `RelPosConfigMixin`, validated when the config is built, so that a bad value
+All share the position fields of `RelPosConfigMixin`, validated when the config is built, so that a bad value
 fails with a `ValueError` naming the field before any model exists.
 """
 
@@ -249,4 +249,91 @@ class RelPosGPTConfig(RelPosPretrainedConfig):
             raise ValueError("RelPosGPTConfig is a causal decoder: is_decoder must be True; use RelPosBertConfig.")
         if self.n_inner is not None:
             _check_positive(self, "n_inner")
+        super().validate_position_encoding()
+
+
+class RelPosLlamaConfig(RelPosPretrainedConfig):
+    r"""
+    Configuration of a Llama-family decoder (pre-norm RMSNorm, SwiGLU, grouped-query attention) with a choice of
+    position encoding. Field names are Llama's, so a Llama, SmolLM or Mistral `config.json` loads as is, and the
+    default encoding is Llama's own: `rope` with `rope_parameters`. Qwen2 configs load with `attention_bias=True`
+    (Qwen2 has no bias on `o_proj`: it loads as zero). Sliding-window attention is not supported. The position fields
+    are documented in `RelPosPretrainedConfig`.
+
+    ```python
+    >>> from hf_relpos import RelPosLlamaConfig, RelPosLlamaForCausalLM
+    >>> config = RelPosLlamaConfig(position_embedding_type="alibi", num_hidden_layers=2, num_key_value_heads=4)
+    >>> model = RelPosLlamaForCausalLM(config)
+    ```"""
+
+    model_type = "relpos_llama"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+    # `deberta`'s LayerNorm reads `layer_norm_eps`.
+    attribute_map = {"layer_norm_eps": "rms_norm_eps"}
+    family_auto_map: ClassVar[dict[str, str]] = {
+        "AutoConfig": "configuration_relpos.RelPosLlamaConfig",
+        "AutoModel": "modeling_relpos_llama.RelPosLlamaModel",
+        "AutoModelForCausalLM": "modeling_relpos_llama.RelPosLlamaForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_relpos_llama.RelPosLlamaForSequenceClassification",
+    }
+
+    position_embedding_type: str = "rope"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    attention_dropout: float | int = 0.0
+    mlp_bias: bool = False
+    head_dim: int | None = None
+    is_decoder: bool = True
+
+    # Families that load into this layout, and the fields their modelling code implies.
+    implied_fields: ClassVar[dict[str, dict]] = {"qwen2": {"attention_bias": True}}
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        config_dict = {**config_dict, **cls.implied_fields.get(config_dict.get("model_type"), {})}
+        if "sliding_window" in kwargs:
+            # Validated at construction: the override must be in place before it.
+            config_dict["sliding_window"] = kwargs.pop("sliding_window")
+        return super().from_dict(config_dict, **kwargs)
+
+    def validate_position_encoding(self) -> None:
+        if not self.is_decoder:
+            raise ValueError("RelPosLlamaConfig is a causal decoder: is_decoder must be True; use RelPosBertConfig.")
+        _check_positive(self, "num_key_value_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+                f"({self.num_key_value_heads}): each key/value head serves a group of query heads."
+            )
+        if self.head_dim != self.hidden_size // self.num_attention_heads:
+            raise ValueError(
+                f"head_dim must be hidden_size / num_attention_heads = {self.hidden_size // self.num_attention_heads}"
+                f", got {self.head_dim}: the position encodings size their tables from hidden_size."
+            )
+        if getattr(self, "sliding_window", None) is not None:
+            raise ValueError(
+                f"sliding_window={self.sliding_window}: RelPosLlama attends over the whole sequence. Load with "
+                "sliding_window=None (the same model for sequences up to the window)."
+            )
         super().validate_position_encoding()

@@ -1,4 +1,5 @@
-"""Load absolute-position checkpoints (BERT, RoBERTa, MiniLM, GPT-2) into relpos models.
+"""Load absolute-position checkpoints (BERT, RoBERTa, MiniLM, GPT-2) and rotary Llama-family checkpoints (Llama,
+SmolLM, Mistral, Qwen2; folders or a `.gguf` file) into relpos models.
 
 ```python
 >>> from hf_relpos import RelPosBertForSequenceClassification
@@ -23,7 +24,9 @@ The relpos encoder keeps BERT's module names and the decoder GPT-2's, so for BER
 - the renaming is not reverted on `save_pretrained`: the converted checkpoint saves under relpos names and reloads
   under its own class with no missing or unexpected keys.
 
-With `position_embedding_type="absolute"` the converted model is numerically the original.
+With `position_embedding_type="absolute"` (BERT, GPT-2) or `"rope"` (the Llama family) the converted model is
+numerically the original. A `.gguf` file (e.g. SmolLM2's Q4_1) is dequantised by transformers (`gguf_file=`) and
+saves as plain safetensors.
 
 This module sits on top of the library: the modelling and configuration files never import it, so checkpoints
 loaded with `trust_remote_code=True` do not need it.
@@ -37,6 +40,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -44,7 +48,7 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 from transformers.utils import logging
 
-from .configuration_relpos import RelPosBertConfig, RelPosGPTConfig
+from .configuration_relpos import RelPosBertConfig, RelPosGPTConfig, RelPosLlamaConfig
 
 
 logger = logging.get_logger(__name__)
@@ -52,7 +56,11 @@ logger = logging.get_logger(__name__)
 BERT_MODEL_TYPES = {"bert", "relpos_bert"}
 ROBERTA_MODEL_TYPES = {"roberta", "xlm-roberta", "camembert"}
 GPT_MODEL_TYPES = {"gpt2", "relpos_gpt"}
-RELPOS_MODEL_TYPES = {"relpos_bert", "relpos_gpt"}
+LLAMA_MODEL_TYPES = {"llama", "mistral", "qwen2", "relpos_llama"}
+RELPOS_MODEL_TYPES = {"relpos_bert", "relpos_gpt", "relpos_llama"}
+# The encoding a family's original checkpoints use: the one under which the converted model is the original.
+SOURCE_ENCODING = {"bert": "absolute", "gpt": "absolute", "llama": "rope"}
+CONFIG_OF_FAMILY = {"bert": RelPosBertConfig, "gpt": RelPosGPTConfig, "llama": RelPosLlamaConfig}
 
 # RoBERTa's module names -> BERT's (the relpos encoder's). Applied at load time only: never reverted on save.
 ROBERTA_KEY_MAPPING = {
@@ -63,8 +71,9 @@ ROBERTA_KEY_MAPPING = {
     r"^lm_head\.bias$": "cls.predictions.bias",
 }
 
-# Where the position encoding lives in each layout (BERT: embeddings.position_embeddings, GPT-2: wpe).
-POSITION_KEY = re.compile(r"(^|\.)(embeddings\.position_embeddings|wpe)\.")
+# Where the position encoding lives in each layout (BERT: embeddings.position_embeddings, GPT-2: wpe,
+# Llama: position_encoding).
+POSITION_KEY = re.compile(r"(^|\.)(embeddings\.position_embeddings|wpe|position_encoding)\.")
 # Buffers some checkpoints carry that the relpos models recompute (never weights).
 BUFFER_KEY = re.compile(r"(^|\.)(position_ids|token_type_ids|attn\.bias|attn\.masked_bias)$")
 
@@ -75,15 +84,16 @@ _SOURCE_ONLY_FIELDS = (
 
 # Task name (CLI) -> class name per family; `None`: that family has no such head.
 TASKS: dict[str, dict[str, str | None]] = {
-    "base": {"bert": "RelPosBertModel", "gpt": "RelPosGPTModel"},
-    "masked-lm": {"bert": "RelPosBertForMaskedLM", "gpt": None},
-    "causal-lm": {"bert": None, "gpt": "RelPosGPTForCausalLM"},
+    "base": {"bert": "RelPosBertModel", "gpt": "RelPosGPTModel", "llama": "RelPosLlamaModel"},
+    "masked-lm": {"bert": "RelPosBertForMaskedLM", "gpt": None, "llama": None},
+    "causal-lm": {"bert": None, "gpt": "RelPosGPTForCausalLM", "llama": "RelPosLlamaForCausalLM"},
     "sequence-classification": {
         "bert": "RelPosBertForSequenceClassification", "gpt": "RelPosGPTForSequenceClassification",
+        "llama": "RelPosLlamaForSequenceClassification",
     },
-    "token-classification": {"bert": "RelPosBertForTokenClassification", "gpt": None},
-    "question-answering": {"bert": "RelPosBertForQuestionAnswering", "gpt": None},
-    "multiple-choice": {"bert": "RelPosBertForMultipleChoice", "gpt": None},
+    "token-classification": {"bert": "RelPosBertForTokenClassification", "gpt": None, "llama": None},
+    "question-answering": {"bert": "RelPosBertForQuestionAnswering", "gpt": None, "llama": None},
+    "multiple-choice": {"bert": "RelPosBertForMultipleChoice", "gpt": None, "llama": None},
 }
 _ARCHITECTURE_SUFFIX_TO_TASK = {
     "ForMaskedLM": "masked-lm",
@@ -94,7 +104,7 @@ _ARCHITECTURE_SUFFIX_TO_TASK = {
     "ForQuestionAnswering": "question-answering",
     "ForMultipleChoice": "multiple-choice",
 }
-_MODULE_OF_FAMILY = {"bert": "modeling_relpos_bert", "gpt": "modeling_relpos_gpt"}
+_MODULE_OF_FAMILY = {"bert": "modeling_relpos_bert", "gpt": "modeling_relpos_gpt", "llama": "modeling_relpos_llama"}
 
 
 @dataclass
@@ -148,29 +158,31 @@ class ConversionReport:
 
 
 def model_family(config_or_model_type: PreTrainedConfig | str) -> str:
-    """`"bert"` (BERT, RoBERTa, MiniLM, relpos_bert) or `"gpt"` (GPT-2, relpos_gpt); ValueError otherwise."""
+    """`"bert"` (BERT, RoBERTa, MiniLM, relpos_bert), `"gpt"` (GPT-2, relpos_gpt) or `"llama"` (Llama, Mistral,
+    Qwen2, relpos_llama); ValueError otherwise."""
     model_type = getattr(config_or_model_type, "model_type", config_or_model_type)
     if model_type in BERT_MODEL_TYPES | ROBERTA_MODEL_TYPES:
         return "bert"
     if model_type in GPT_MODEL_TYPES:
         return "gpt"
+    if model_type in LLAMA_MODEL_TYPES:
+        return "llama"
     raise ValueError(
         f"Cannot convert a checkpoint of model_type {model_type!r}: supported are "
-        f"{sorted(BERT_MODEL_TYPES | ROBERTA_MODEL_TYPES | GPT_MODEL_TYPES)}."
+        f"{sorted(BERT_MODEL_TYPES | ROBERTA_MODEL_TYPES | GPT_MODEL_TYPES | LLAMA_MODEL_TYPES)}."
     )
 
 
 def _family_of_class(model_class: type[PreTrainedModel]) -> str:
     config_class = getattr(model_class, "config_class", None)
-    if config_class is not None and issubclass(config_class, RelPosBertConfig):
-        return "bert"
-    if config_class is not None and issubclass(config_class, RelPosGPTConfig):
-        return "gpt"
-    raise TypeError(f"{model_class!r} is not a relpos model class (RelPosBert* or RelPosGPT*).")
+    for family, family_config in CONFIG_OF_FAMILY.items():
+        if config_class is not None and issubclass(config_class, family_config):
+            return family
+    raise TypeError(f"{model_class!r} is not a relpos model class (RelPosBert*, RelPosGPT* or RelPosLlama*).")
 
 
 def get_model_class(task: str, family: str) -> type[PreTrainedModel]:
-    """The relpos class that serves `task` (a key of `TASKS`) for `family` (`"bert"` or `"gpt"`)."""
+    """The relpos class that serves `task` (a key of `TASKS`) for `family` (`"bert"`, `"gpt"` or `"llama"`)."""
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; choose one of {sorted(TASKS)}.")
     class_name = TASKS[task][family]
@@ -181,7 +193,10 @@ def get_model_class(task: str, family: str) -> type[PreTrainedModel]:
 
 
 def infer_task(config: PreTrainedConfig) -> str:
-    """The task of a checkpoint from its `architectures` (`base` for a bare `BertModel`/`GPT2Model`)."""
+    """The task of a checkpoint from its `architectures` (`base` for a bare `BertModel`/`GPT2Model`; `causal-lm`
+    for a Llama-family config that names none, as one read from a GGUF file)."""
+    if not config.architectures and model_family(config) == "llama":
+        return "causal-lm"
     for architecture in config.architectures or ():
         for suffix, task in _ARCHITECTURE_SUFFIX_TO_TASK.items():
             if architecture.endswith(suffix):
@@ -191,10 +206,11 @@ def infer_task(config: PreTrainedConfig) -> str:
 
 def convert_config(
     source_config: PreTrainedConfig, position_embedding_type: str | None = None, **overrides
-) -> RelPosBertConfig | RelPosGPTConfig:
-    """A `RelPosBertConfig` / `RelPosGPTConfig` for `source_config` (BERT, RoBERTa, MiniLM or GPT-2).
+) -> RelPosBertConfig | RelPosGPTConfig | RelPosLlamaConfig:
+    """A `RelPosBertConfig` / `RelPosGPTConfig` / `RelPosLlamaConfig` for `source_config` (BERT, RoBERTa, MiniLM,
+    GPT-2, or the Llama family).
 
-    Every network field is kept; `position_embedding_type` (default: the source's, i.e. `absolute`) and
+    Every network field is kept; `position_embedding_type` (default: the source's, `absolute` or `rope`) and
     `overrides` (encoding options such as `max_relative_positions`, or `num_labels`) are applied on top. A
     RoBERTa-style source gets `position_offset = pad_token_id + 1` so that its table of `max_position_embeddings`
     (514) rows is read where RoBERTa reads it.
@@ -206,13 +222,14 @@ def convert_config(
         for name in ("model_type", "transformers_version", "auto_map", "architectures"):
             values.pop(name, None)
     else:
-        source_position_type = getattr(source_config, "position_embedding_type", "absolute") or "absolute"
-        if source_position_type != "absolute":
+        source_position_type = getattr(source_config, "position_embedding_type", None) or SOURCE_ENCODING[family]
+        if source_position_type != SOURCE_ENCODING[family]:
             raise NotImplementedError(
-                f"The source checkpoint uses position_embedding_type={source_position_type!r}; only absolute-position "
-                "checkpoints can be converted."
+                f"The source checkpoint uses position_embedding_type={source_position_type!r}; only "
+                f"{SOURCE_ENCODING[family]!r} checkpoints of this family can be converted."
             )
         values = {key: value for key, value in source_config.to_dict().items() if key not in _SOURCE_ONLY_FIELDS}
+        values.update(getattr(CONFIG_OF_FAMILY[family], "implied_fields", {}).get(model_type, {}))
         if model_type in ROBERTA_MODEL_TYPES:
             pad_token_id = source_config.pad_token_id if source_config.pad_token_id is not None else 1
             values["position_offset"] = pad_token_id + 1
@@ -222,8 +239,7 @@ def convert_config(
     if position_embedding_type is not None:
         values["position_embedding_type"] = position_embedding_type
     values.update(overrides)
-    config_class = RelPosBertConfig if family == "bert" else RelPosGPTConfig
-    return config_class(**values)
+    return CONFIG_OF_FAMILY[family](**values)
 
 
 def _checkpoint_keys(source: str, **hub_kwargs) -> set[str] | None:
@@ -255,6 +271,31 @@ def _checkpoint_keys(source: str, **hub_kwargs) -> set[str] | None:
 
         return set(torch.load(path, map_location="meta", weights_only=True, mmap=True))
     return None
+
+
+def _split_gguf(source: str) -> tuple[str, dict[str, str]]:
+    """A `.gguf` file is read from its folder with transformers' `gguf_file=`; other sources pass as they are."""
+    if source.endswith(".gguf"):
+        return os.path.dirname(source) or ".", {"gguf_file": os.path.basename(source)}
+    return source, {}
+
+
+def _save_gguf_as_safetensors(gguf_path: str, save_directory: str) -> None:
+    """Load a `.gguf` file into its own transformers class (`gguf_file=`, dequantised to fp32) and save it as a plain
+    safetensors checkpoint. transformers maps GGUF tensor names by the loading class's `model_type`, so the file is
+    read by the class it was written for, not by a relpos class."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder, gguf_kwargs = _split_gguf(gguf_path)
+    model = AutoModelForCausalLM.from_pretrained(folder, **gguf_kwargs, dtype=torch.float32)
+    if not all(parameter.is_floating_point() for parameter in model.parameters()):
+        raise ValueError(
+            f"transformers kept the GGUF weights of {gguf_path!r} packed (the `kernels` package is installed); "
+            "uninstall it, or convert a dequantised safetensors copy of the model."
+        )
+    model.hf_quantizer.remove_quantization_config(model)
+    model.save_pretrained(save_directory)
 
 
 class _DropLoadReport:
@@ -295,8 +336,9 @@ def load_converted(
         model_class: a relpos class (`RelPosBertForSequenceClassification`, `RelPosGPTForCausalLM`, ...) or a task
             name from `TASKS` (`"sequence-classification"`, `"causal-lm"`, ...; the family follows the source).
         source: a BERT / RoBERTa / MiniLM (BERT layout) / GPT-2 checkpoint, with or without its base-model prefix
-            (a bare `BertModel` or `GPT2Model` loads into any head), or a relpos checkpoint.
-        position_embedding_type: the new encoding (default: keep the source's, `absolute`).
+            (a bare `BertModel` or `GPT2Model` loads into any head), a Llama / SmolLM / Mistral / Qwen2 checkpoint
+            (a folder, or the path of a `.gguf` file), or a relpos checkpoint.
+        position_embedding_type: the new encoding (default: keep the source's, `absolute` or `rope`).
         config_overrides: encoding options (`max_relative_positions`, `rope_parameters`, ...) and any other config
             field (`num_labels`, `id2label`, `classifier_dropout`, ...).
 
@@ -304,6 +346,14 @@ def load_converted(
         The model, in eval mode, with `model.conversion_report` (a `ConversionReport`, also logged once).
     """
     source = os.fspath(source)
+    if source.endswith(".gguf"):
+        with tempfile.TemporaryDirectory() as folder, _held_back(logger):
+            _save_gguf_as_safetensors(source, folder)
+            model = load_converted(model_class, folder, position_embedding_type, dtype=dtype,
+                                   attn_implementation=attn_implementation, **config_overrides)
+        model.conversion_report.source = source
+        _log_report(model.conversion_report)
+        return model
     hub_kwargs = {"revision": revision, "cache_dir": cache_dir, "token": token, "local_files_only": local_files_only}
     source_config = AutoConfig.from_pretrained(source, **hub_kwargs)
     family = model_family(source_config)
@@ -312,7 +362,7 @@ def load_converted(
     if _family_of_class(model_class) != family:
         raise ValueError(
             f"{model_class.__name__} cannot load a {source_config.model_type!r} checkpoint: use a "
-            f"{'RelPosBert' if family == 'bert' else 'RelPosGPT'}* class."
+            f"{CONFIG_OF_FAMILY[family].__name__.removesuffix('Config')}* class."
         )
 
     config = convert_config(source_config, position_embedding_type, **config_overrides)
@@ -339,11 +389,29 @@ def load_converted(
 
     report = _build_report(source, source_config, model, config, key_mapping, loading_info)
     model.conversion_report = report
+    _log_report(report)
+    return model
+
+
+def _log_report(report: ConversionReport) -> None:
     if report.is_lossless:
         logger.info(str(report))
     else:
         logger.warning(str(report))
-    return model
+
+
+@contextlib.contextmanager
+def _held_back(held_logger):
+    """Drop what `held_logger` logs meanwhile (the report of a GGUF's temporary folder, logged again under the file's
+    own path)."""
+    def drop_all(record) -> bool:
+        return False
+
+    held_logger.addFilter(drop_all)
+    try:
+        yield
+    finally:
+        held_logger.removeFilter(drop_all)
 
 
 def _build_report(source, source_config, model, config, key_mapping, loading_info) -> ConversionReport:
@@ -352,7 +420,8 @@ def _build_report(source, source_config, model, config, key_mapping, loading_inf
         changes["model_type"] = f"{source_config.model_type} -> {config.model_type}"
     for name in ("position_embedding_type", "position_offset", "type_vocab_size"):
         before = getattr(source_config, name, None) if name != "position_offset" else 0
-        before = "absolute" if name == "position_embedding_type" and before is None else before
+        if name == "position_embedding_type" and before is None:
+            before = SOURCE_ENCODING[model_family(source_config)]
         after = getattr(config, name, None)
         if name == "position_offset" and after == 0:
             continue
@@ -407,7 +476,8 @@ def convert_checkpoint(
     hub_keys = ("revision", "cache_dir", "token", "local_files_only")
     hub_kwargs = {key: kwargs[key] for key in hub_keys if key in kwargs}
     if task is None:
-        task = infer_task(AutoConfig.from_pretrained(source, **hub_kwargs))
+        folder, gguf_kwargs = _split_gguf(source)
+        task = infer_task(AutoConfig.from_pretrained(folder, **gguf_kwargs, **hub_kwargs))
     model = load_converted(task, source, position_embedding_type, **kwargs)
     report = model.conversion_report
     with _replace_directory(save_directory, overwrite) as staging:
@@ -531,7 +601,9 @@ _TOKENIZER_FILES = (
 
 
 def _copy_tokenizer(source: str, save_directory: str, hub_kwargs: dict) -> None:
-    if os.path.isdir(source):
+    source, gguf_kwargs = _split_gguf(source)
+    hub_kwargs = {**hub_kwargs, **gguf_kwargs}
+    if os.path.isdir(source) and not gguf_kwargs:
         for name in _TOKENIZER_FILES:
             path = os.path.join(source, name)
             if os.path.isfile(path):

@@ -64,6 +64,12 @@ def _metrics(folder: Path) -> dict[str, float]:
             and k not in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_samples")}
 
 
+ARCHITECTURE_KINDS = {
+    "relpos_gpt": "A decoder (GPT-2 layout)",
+    "relpos_llama": "A decoder (Llama layout: RMSNorm, SwiGLU, grouped-query attention)",
+}
+
+
 def render_model_card(
     folder: str | Path,
     repo_id: str | None = None,
@@ -126,8 +132,7 @@ def render_model_card(
     card = TEMPLATE.read_text().format(
         metadata=yaml.safe_dump(metadata, sort_keys=False).strip(),
         title=repo_id,
-        architecture_kind="A decoder (GPT-2 layout)" if config.get("model_type") == "relpos_gpt"
-        else "An encoder (BERT layout)",
+        architecture_kind=ARCHITECTURE_KINDS.get(config.get("model_type"), "An encoder (BERT layout)"),
         encoding=encoding,
         converted_from=f", converted from `{base_model}`" if base_model else "",
         encoding_description=encoding_description(encoding),

