@@ -155,7 +155,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_train_epochs", type=float, default=1.0)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--adapt_steps", type=int, default=300, help="0: no adaptation rows")
+    parser.add_argument("--rows", nargs="+", choices=["original", "converted", "adapted"],
+                        default=["original", "converted", "adapted"], help="which models to fine-tune")
+    parser.add_argument("--adapt_steps", type=int, default=150)
     parser.add_argument("--adapt_batch_size", type=int, default=16)
     parser.add_argument("--adapt_learning_rate", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=42)
@@ -167,7 +169,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     texts, labels, names = load_examples(args.dataset)  # fail fast, before the heavy imports, if data is missing
-    unlabeled = adaptation_texts() if args.adapt_steps else []
+    unlabeled = adaptation_texts() if "adapted" in args.rows else []
     source = minilm_path()
 
     import numpy as np
@@ -217,16 +219,19 @@ def main(argv=None) -> dict:
             model, report = adapt(source, converted(encoding)(), unlabeled, tokenizer=tokenizer,
                                   max_steps=args.adapt_steps, batch_size=args.adapt_batch_size,
                                   max_length=args.max_seq_length, learning_rate=args.adapt_learning_rate,
-                                  seed=args.seed)
+                                  held_out=0.02, seed=args.seed)
             print(report)
             adaptations[encoding] = report
             return model
         return make_model
 
-    runs = {"absolute (original)": lambda: AutoModelForSequenceClassification.from_pretrained(source, **label_kwargs)}
+    runs = {}
+    if "original" in args.rows:
+        runs["absolute (original)"] = lambda: AutoModelForSequenceClassification.from_pretrained(source, **label_kwargs)
     for encoding in args.position_embedding_type:
-        runs[f"{encoding} (converted)"] = converted(encoding)
-        if args.adapt_steps:
+        if "converted" in args.rows:
+            runs[f"{encoding} (converted)"] = converted(encoding)
+        if "adapted" in args.rows:
             runs[f"{encoding} (converted + adapted)"] = adapted(encoding)
     results, trainers = {}, {}
     for name, make_model in runs.items():
@@ -261,8 +266,9 @@ def main(argv=None) -> dict:
         print(f"| {name} | {result['accuracy']:.4f} | {result['f1']:.4f} | {adapt_time} | "
               f"{result['train_seconds']:.0f} s |")
 
-    saved_name = list(runs)[2 if args.adapt_steps else 1]
     encoding = args.position_embedding_type[0]
+    saved_name = next(name for name in reversed(runs) if name.startswith(f"{encoding} ")) if (
+        set(args.rows) - {"original"}) else list(runs)[0]
     trainer = trainers[saved_name]
     save_dir = os.path.join(args.output_dir, f"minilm-{encoding}-{args.dataset}")
     trainer.save_model(save_dir)  # save_pretrained: weights, config with auto_map, modelling code, tokenizer
