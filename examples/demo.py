@@ -156,14 +156,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--rows", nargs="+", choices=["original", "converted", "adapted"],
-                        default=["original", "converted", "adapted"], help="which models to fine-tune")
+                        default=["original", "converted", "adapted"], help="which models to fine-tune (the saved "
+                        "model is the first encoding's last row, so keep `converted` or `adapted`)")
     parser.add_argument("--adapt_steps", type=int, default=150)
     parser.add_argument("--adapt_batch_size", type=int, default=16)
     parser.add_argument("--adapt_learning_rate", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=1, help="torch threads; the table depends on it")
     parser.add_argument("--output_dir", default="demo_output")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not {"converted", "adapted"} & set(args.rows):
+        parser.error("--rows needs `converted` or `adapted`: the demo saves and reloads a converted model")
+    return args
 
 
 def main(argv=None) -> dict:
@@ -267,8 +271,7 @@ def main(argv=None) -> dict:
               f"{result['train_seconds']:.0f} s |")
 
     encoding = args.position_embedding_type[0]
-    saved_name = next(name for name in reversed(runs) if name.startswith(f"{encoding} ")) if (
-        set(args.rows) - {"original"}) else list(runs)[0]
+    saved_name = [name for name in runs if name.startswith(f"{encoding} (")][-1]  # adapted if it was run
     trainer = trainers[saved_name]
     save_dir = os.path.join(args.output_dir, f"minilm-{encoding}-{args.dataset}")
     trainer.save_model(save_dir)  # save_pretrained: weights, config with auto_map, modelling code, tokenizer
