@@ -321,7 +321,7 @@ def _add_adapt(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_adapt(args: argparse.Namespace) -> int:
     _check_local_path(args.original, "ORIGINAL")
-    _check_folder(args.converted)
+    _check_local_path(args.converted, "CONVERTED")
     if not os.path.isfile(args.text_file):
         raise UsageError(f"--text-file {args.text_file} does not exist.")
     from hf_relpos.adapt import adapt_checkpoint
