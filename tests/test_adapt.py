@@ -4,10 +4,18 @@ import json
 
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertTokenizerFast,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 import hf_relpos
-from hf_relpos import RelPosBertForSequenceClassification, RelPosGPTForCausalLM
+from hf_relpos import RelPosBertForSequenceClassification, RelPosGPTForCausalLM, RelPosLlamaForCausalLM
 from hf_relpos.adapt import agreement, layer_distances, tokenize_texts
 from hf_relpos.cli import main as cli_main
 from hf_relpos.convert import convert_checkpoint, load_converted
@@ -49,6 +57,17 @@ def gpt2_dir(tmp_path_factory, tokenizer):
     config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64)
     folder = tmp_path_factory.mktemp("gpt2")
     GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    folder = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
 
@@ -103,12 +122,16 @@ def test_the_encoding_phase_trains_only_the_encodings_parameters(bert_dir):
     assert len(encoding) == 1 and len(changed) == 1 and changed[0] is encoding[0]
 
 
-def test_adaptation_lowers_the_held_out_distance_to_the_teacher_of_a_decoder(gpt2_dir):
-    student = load_converted(RelPosGPTForCausalLM, gpt2_dir, "rope")
-    student, report = hf_relpos.adapt(gpt2_dir, student, sentences(200, seed=6), held_out=sentences(24, seed=7),
+@pytest.mark.parametrize(("layout", "model_class", "encoding"), [
+    ("gpt2", RelPosGPTForCausalLM, "rope"), ("llama", RelPosLlamaForCausalLM, "alibi"),
+])
+def test_adaptation_lowers_the_held_out_distance_to_the_teacher_of_a_decoder(layout, model_class, encoding, request):
+    source = request.getfixturevalue(f"{layout}_dir")
+    student = load_converted(model_class, source, encoding)
+    student, report = hf_relpos.adapt(source, student, sentences(200, seed=6), held_out=sentences(24, seed=7),
                                       max_steps=40, batch_size=16, max_length=32, learning_rate=3e-3,
                                       progress=False)
-    assert report.position_embedding_type == "rope"
+    assert report.position_embedding_type == encoding
     assert report.after["distance"] < 0.85 * report.before["distance"]
 
 
