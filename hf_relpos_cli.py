@@ -5,6 +5,7 @@ hf-relpos convert SRC DST --position-embedding-type alibi [--task sequence-class
 hf-relpos card DIR
 hf-relpos push DIR REPO_ID [--delete-stale]
 hf-relpos extrapolate MODEL [MODEL ...] --text-file eval.txt --lengths 64 128 256
+hf-relpos adapt ORIGINAL CONVERTED OUT --text-file FILE [--max-steps N] [--max-length L] [--overwrite]
 ```
 
 This module lives beside the `hf_relpos` package, not in it: importing the package registers every model with
@@ -294,6 +295,48 @@ def _run_extrapolate(args: argparse.Namespace) -> int:
 
 
 register_subcommand("extrapolate", _add_extrapolate)
+
+
+def _add_adapt(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "adapt", help="distil the absolute ORIGINAL into its converted copy on unlabeled text",
+        description="Teach CONVERTED (a checkpoint written by `hf-relpos convert`) the word order of ORIGINAL (the "
+        "absolute checkpoint it came from) by matching its hidden states on the text of --text-file, and save it to "
+        "OUT with its code, tokenizer, model card and adaptation_report.json (loss curve, held-out agreement). OUT "
+        "must be new or empty (or --overwrite); it is written beside OUT and renamed into place.",
+    )
+    parser.add_argument("original", metavar="ORIGINAL")
+    parser.add_argument("converted", metavar="CONVERTED")
+    parser.add_argument("output", metavar="OUT")
+    parser.add_argument("--text-file", required=True, help="UTF-8 text, one document per line")
+    parser.add_argument("--max-steps", type=int, default=600)
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per window; longer lines are split")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=_run_adapt)
+
+
+def _run_adapt(args: argparse.Namespace) -> int:
+    _check_local_path(args.original, "ORIGINAL")
+    _check_local_path(args.converted, "CONVERTED")
+    if not os.path.isfile(args.text_file):
+        raise UsageError(f"--text-file {args.text_file} does not exist.")
+    from hf_relpos.adapt import adapt_checkpoint
+
+    report = adapt_checkpoint(
+        args.original, args.converted, args.output, text_file=args.text_file, max_steps=args.max_steps,
+        max_length=args.max_length, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
+        overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    print(report)
+    print(f"Saved the adapted model to {args.output}")
+    return 0
+
+
+register_subcommand("adapt", _add_adapt)
 
 
 def build_parser() -> argparse.ArgumentParser:

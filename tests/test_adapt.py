@@ -1,0 +1,160 @@
+"""`hf_relpos.adapt`: distilling the absolute original into its converted copy on unlabeled text."""
+
+import json
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertTokenizerFast,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+import hf_relpos
+from hf_relpos import RelPosBertForSequenceClassification, RelPosGPTForCausalLM, RelPosLlamaForCausalLM
+from hf_relpos.adapt import agreement, layer_distances, tokenize_texts
+from hf_relpos.cli import main as cli_main
+from hf_relpos.convert import convert_checkpoint, load_converted
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+WORDS = "the a cat dog sat ran on under mat rug big small red old new quick slow and then".split()
+
+
+def sentences(count: int, seed: int) -> list[str]:
+    generator = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (int(length),), generator=generator))
+            for length in torch.randint(4, 14, (count,), generator=generator)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vocab")
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
+    return BertTokenizerFast(str(folder / "vocab.txt"))
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory, tokenizer):
+    """A tiny absolute BERT (transformers' own class) with its tokenizer, saved as a user would have it."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=64)
+    folder = tmp_path_factory.mktemp("bert")
+    BertForMaskedLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory, tokenizer):
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    folder = tmp_path_factory.mktemp("gpt2")
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    folder = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_layer_distance_is_the_masked_squared_error_over_the_teachers_variance():
+    teacher = [torch.randn(2, 5, 8)]
+    student = [torch.randn(2, 5, 8)]
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    real = mask.bool()
+    t, s = teacher[0][real], student[0][real]
+    expected = ((s - t) ** 2).sum() / ((t - t.mean(0)) ** 2).sum()
+    torch.testing.assert_close(layer_distances(student, teacher, mask), expected.reshape(1))
+
+
+def test_long_texts_are_split_into_windows_that_keep_every_token(tokenizer):
+    text = " ".join(WORDS * 2)
+    windows = tokenize_texts([text], tokenizer, max_length=10)
+    assert all(len(ids) <= 10 and ids[0] == tokenizer.cls_token_id for ids in windows)
+    inner = [i for ids in windows for i in ids[1:-1]]
+    assert inner == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_a_student_that_is_the_absolute_original_has_zero_distance(bert_dir, tokenizer):
+    student = load_converted(RelPosBertForSequenceClassification, bert_dir, "absolute", num_labels=2)
+    teacher = load_converted("base", bert_dir)
+    examples = tokenize_texts(sentences(8, seed=1), tokenizer, 32)
+    result = agreement(student, teacher, examples, tokenizer.pad_token_id)
+    assert result["distance"] < 1e-10
+    assert result["cosine"] == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("encoding", ["alibi", "t5"])
+def test_adaptation_lowers_the_held_out_distance_to_the_teacher_of_an_encoder(bert_dir, encoding):
+    student = load_converted(RelPosBertForSequenceClassification, bert_dir, encoding, num_labels=2)
+    head = student.classifier.weight.clone()
+    student, report = hf_relpos.adapt(bert_dir, student, sentences(200, seed=2), held_out=sentences(24, seed=3),
+                                      max_steps=40, batch_size=16, max_length=32, learning_rate=3e-3,
+                                      progress=False)
+    assert report.after["distance"] < 0.85 * report.before["distance"]
+    assert report.loss_curve[-1]["loss"] < report.loss_curve[0]["loss"]
+    assert report.encoding_steps == (4 if encoding == "t5" else 0)
+    assert torch.equal(student.classifier.weight, head)  # the head is not part of the distillation
+
+
+def test_the_encoding_phase_trains_only_the_encodings_parameters(bert_dir):
+    student = load_converted(RelPosBertForSequenceClassification, bert_dir, "t5", num_labels=2)
+    before = {name: parameter.clone() for name, parameter in student.named_parameters()}
+    hf_relpos.adapt(bert_dir, student, sentences(64, seed=4), held_out=sentences(8, seed=5), max_steps=3,
+                    encoding_steps=3, batch_size=8, max_length=32, progress=False)
+    changed = [parameter for name, parameter in student.named_parameters() if not torch.equal(parameter, before[name])]
+    encoding = list(student.bert.position_encoding.parameters())
+    assert len(encoding) == 1 and len(changed) == 1 and changed[0] is encoding[0]
+
+
+@pytest.mark.parametrize(("layout", "model_class", "encoding"), [
+    ("gpt2", RelPosGPTForCausalLM, "rope"), ("llama", RelPosLlamaForCausalLM, "alibi"),
+])
+def test_adaptation_lowers_the_held_out_distance_to_the_teacher_of_a_decoder(layout, model_class, encoding, request):
+    source = request.getfixturevalue(f"{layout}_dir")
+    student = load_converted(model_class, source, encoding)
+    student, report = hf_relpos.adapt(source, student, sentences(200, seed=6), held_out=sentences(24, seed=7),
+                                      max_steps=40, batch_size=16, max_length=32, learning_rate=3e-3,
+                                      progress=False)
+    assert report.position_embedding_type == encoding
+    assert report.after["distance"] < 0.85 * report.before["distance"]
+
+
+def test_cli_writes_the_adapted_model_its_report_and_card_and_refuses_a_non_empty_out(bert_dir, tmp_path, capsys):
+    converted = tmp_path / "alibi"
+    convert_checkpoint(bert_dir, converted, "alibi", "sequence-classification", num_labels=2)
+    text_file = tmp_path / "text.txt"
+    text_file.write_text("\n".join(sentences(120, seed=8)))
+    out = tmp_path / "adapted"
+    command = ["adapt", bert_dir, str(converted), str(out), "--text-file", str(text_file), "--max-steps", "12",
+               "--max-length", "32", "--batch-size", "8", "--no-progress"]
+    assert cli_main(command) == 0
+
+    report = json.loads((out / "adaptation_report.json").read_text())
+    assert len(report["loss_curve"]) >= 1 and report["max_steps"] == 12
+    assert report["after"]["distance"] < report["before"]["distance"]
+    assert "Adaptation" in (out / "README.md").read_text()
+    assert (out / "conversion_report.json").is_file()
+    reloaded = RelPosBertForSequenceClassification.from_pretrained(out)
+    assert reloaded.config.position_embedding_type == "alibi"
+
+    capsys.readouterr()
+    assert cli_main(command) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli_main([*command, "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging folder left
