@@ -50,6 +50,11 @@ class RelPosPretrainedConfig(PreTrainedConfig):
             `relative_key(_query)`: distances are clipped to `[-k, k]`; `deberta`: the largest bucketed distance.
         position_buckets (`int`, defaults to 64):
             `deberta`: number of log buckets per direction (0 disables bucketing).
+        pos_att_type (`str` or `list[str]`, defaults to `"c2p|p2c"`), share_att_key (`bool`, defaults to False),
+        norm_rel_ebd (`str`, defaults to `"layer_norm"`):
+            `deberta`, as `DebertaV2Config` names them: the disentangled terms (`c2p`, `p2c`); whether the layer's own
+            query/key projections project the relative embeddings (DeBERTa-v3, encoder only); `layer_norm` or `none`
+            on the relative embeddings (DeBERTa-v2's default is `none`).
         relative_attention_num_buckets (`int`, defaults to 32), relative_attention_max_distance (`int`, 128):
             `t5`: bucket count and the distance beyond which all distances share the last bucket.
         rope_parameters (`dict`, *optional*):
@@ -63,6 +68,9 @@ class RelPosPretrainedConfig(PreTrainedConfig):
     position_offset: int = 0
     max_relative_positions: int = 128
     position_buckets: int = 64
+    pos_att_type: str | list[str] = "c2p|p2c"
+    share_att_key: bool = False
+    norm_rel_ebd: str = "layer_norm"
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     rope_parameters: dict | None = None
@@ -135,6 +143,10 @@ class RelPosBertConfig(RelPosPretrainedConfig):
     r"""
     Configuration of a BERT-style encoder with a choice of position encoding. Field names are BERT's, so a BERT,
     RoBERTa or MiniLM `config.json` loads as is; the position fields are documented in `RelPosPretrainedConfig`.
+    `pooler_hidden_act` (DeBERTa's name, default BERT's `tanh`) is the pooler's activation.
+
+    Checkpoints of relative-position families (RoFormer, DeBERTa-v2/v3, BERT with v4's `relative_key(_query)`)
+    need their weights mapped: `from_pretrained` refuses them and names `hf-relpos convert` / `load_converted`.
 
     ```python
     >>> from hf_relpos import RelPosBertConfig, RelPosBertModel
@@ -168,6 +180,7 @@ class RelPosBertConfig(RelPosPretrainedConfig):
     pad_token_id: int | None = 0
     use_cache: bool = True
     classifier_dropout: float | int | None = None
+    pooler_hidden_act: str = "tanh"
     is_decoder: bool = False
     add_cross_attention: bool = False
     bos_token_id: int | None = None
@@ -177,9 +190,23 @@ class RelPosBertConfig(RelPosPretrainedConfig):
     # RoBERTa-family configs count positions from `pad_token_id + 1` in the same learned table.
     offset_model_types: ClassVar[tuple[str, ...]] = ("roberta", "xlm-roberta", "camembert")
 
+    # Checkpoints whose position weights need mapping (RoFormer's channel pairs, DeBERTa's module names, v4's
+    # flipped distance tables): a plain load would drop or misread them.
+    mapped_model_types: ClassVar[tuple[str, ...]] = ("roformer", "deberta-v2")
+    v4_relative_types: ClassVar[tuple[str, ...]] = ("relative_key", "relative_key_query")
+
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
-        if config_dict.get("model_type") in cls.offset_model_types and "position_offset" not in config_dict:
+        model_type = config_dict.get("model_type")
+        v4_relative = model_type == "bert" and config_dict.get("position_embedding_type") in cls.v4_relative_types
+        if model_type in cls.mapped_model_types or v4_relative:
+            kind = f" with position_embedding_type={config_dict['position_embedding_type']!r}" if v4_relative else ""
+            raise ValueError(
+                f"This is a {model_type!r} checkpoint{kind}, whose position weights must be mapped to load exactly; "
+                "a plain from_pretrained would give wrong outputs. Convert it first: `hf-relpos convert SRC DST` "
+                "(or hf_relpos.convert.load_converted(model_class, SRC))."
+            )
+        if model_type in cls.offset_model_types and "position_offset" not in config_dict:
             config_dict = {**config_dict, "position_offset": config_dict.get("pad_token_id", 1) + 1}
         return super().from_dict(config_dict, **kwargs)
 

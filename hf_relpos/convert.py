@@ -1,5 +1,6 @@
-"""Load absolute-position checkpoints (BERT, RoBERTa, MiniLM, GPT-2) and rotary Llama-family checkpoints (Llama,
-SmolLM, Mistral, Qwen2; folders or a `.gguf` file) into relpos models.
+"""Load checkpoints into relpos models: absolute-position ones (BERT, RoBERTa, MiniLM, GPT-2), rotary Llama-family
+ones (Llama, SmolLM, Mistral, Qwen2; folders or a `.gguf` file), and the relative families that use an encoding of
+the catalog (RoFormer, DeBERTa-v2/v3, BERT with v4's `relative_key(_query)`).
 
 ```python
 >>> from hf_relpos import RelPosBertForSequenceClassification
@@ -18,6 +19,11 @@ The relpos encoder keeps BERT's module names and the decoder GPT-2's, so for BER
 - RoBERTa-style checkpoints: `roberta.*` -> `bert.*`, `lm_head.*` -> `cls.predictions.*`, and the learned table
   keeps its size (514) with `position_offset = pad_token_id + 1`;
 - checkpoints without token type embeddings get `type_vocab_size = 0`;
+- relative families load exactly into the encoding they use (and convert to any other, as absolute ones do):
+  RoFormer into `rope` (each head's query/key rows permuted from RoFormer's adjacent rotary pairs to the
+  rotate-half layout), DeBERTa-v2/v3 into `deberta` (its module names, `share_att_key`, `norm_rel_ebd`,
+  `pos_att_type`, buckets), v4's relative BERT into `relative_key(_query)` (each layer's distance table flipped,
+  `max_relative_positions = max_position_embeddings - 1`; the absolute table v4 still carries is dropped);
 - a single report (`ConversionReport`, logged once as a warning and attached as `model.conversion_report`) lists
   the position weights dropped, the position parameters added (initialised as their paper does), the head weights
   newly initialised, and the checkpoint entries left unused;
@@ -43,8 +49,9 @@ import shutil
 import tempfile
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
+import torch
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 from transformers.utils import logging
 
@@ -55,6 +62,8 @@ logger = logging.get_logger(__name__)
 
 BERT_MODEL_TYPES = {"bert", "relpos_bert"}
 ROBERTA_MODEL_TYPES = {"roberta", "xlm-roberta", "camembert"}
+RELATIVE_MODEL_TYPES = {"roformer", "deberta-v2"}
+V4_RELATIVE_TYPES = ("relative_key", "relative_key_query")
 GPT_MODEL_TYPES = {"gpt2", "relpos_gpt"}
 LLAMA_MODEL_TYPES = {"llama", "mistral", "qwen2", "relpos_llama"}
 RELPOS_MODEL_TYPES = {"relpos_bert", "relpos_gpt", "relpos_llama"}
@@ -71,15 +80,45 @@ ROBERTA_KEY_MAPPING = {
     r"^lm_head\.bias$": "cls.predictions.bias",
 }
 
+# RoFormer (BERT's layout under `roformer.`; its classification head is a pooler with `hidden_act`).
+ROFORMER_KEY_MAPPING = {
+    r"^roformer\.": "bert.",
+    r"^classifier\.dense\.": "bert.pooler.dense.",
+    r"^classifier\.out_proj\.": "classifier.",
+}
+# DeBERTa-v2/v3: the position tables and projections move into the encoding, `*_proj` -> BERT's names.
+DEBERTA_KEY_MAPPING = {
+    r"^deberta\.": "bert.",
+    r"^pooler\.": "bert.pooler.",
+    r"encoder\.rel_embeddings\.": "embeddings.position_embeddings.rel_embeddings.",
+    r"encoder\.LayerNorm\.": "embeddings.position_embeddings.LayerNorm.",
+    r"encoder\.layer\.(\d+)\.attention\.self\.pos_key_proj\.": r"embeddings.position_embeddings.pos_key_proj.\1.",
+    r"encoder\.layer\.(\d+)\.attention\.self\.pos_query_proj\.":
+        r"embeddings.position_embeddings.pos_query_proj.\1.",
+    r"\.attention\.self\.(query|key|value)_proj\.": r".attention.self.\1.",
+    r"^lm_predictions\.lm_head\.(dense|LayerNorm)\.": r"cls.predictions.transform.\1.",
+    r"^lm_predictions\.lm_head\.bias$": "cls.predictions.bias",
+}
+# BERT v4's relative_key(_query): each layer's distance table moves into the encoding (flipped after loading).
+V4_RELATIVE_KEY_MAPPING = {
+    r"encoder\.layer\.(\d+)\.attention\.self\.distance_embedding\.":
+        r"embeddings.position_embeddings.distance_embedding.\1.",
+}
+
 # Where the position encoding lives in each layout (BERT: embeddings.position_embeddings, GPT-2: wpe,
 # Llama: position_encoding).
 POSITION_KEY = re.compile(r"(^|\.)(embeddings\.position_embeddings|wpe|position_encoding)\.")
 # Buffers some checkpoints carry that the relpos models recompute (never weights).
-BUFFER_KEY = re.compile(r"(^|\.)(position_ids|token_type_ids|attn\.bias|attn\.masked_bias)$")
+BUFFER_KEY = re.compile(
+    r"(^|\.)(position_ids|token_type_ids|attn\.bias|attn\.masked_bias|encoder\.embed_positions\.weight)$"
+)
 
 # Config entries that describe the source class rather than the network.
 _SOURCE_ONLY_FIELDS = (
     "model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "position_embedding_type",
+    # RoFormer's and DeBERTa's fields that `source_encoding` and the key mappings handle, or refuse
+    "embedding_size", "rotary_value", "relative_attention", "position_biased_input", "legacy", "pooler_dropout",
+    "pooler_hidden_size", "conv_kernel_size", "conv_groups", "conv_act", "attention_head_size", "cls_dropout",
 )
 
 # Task name (CLI) -> class name per family; `None`: that family has no such head.
@@ -122,6 +161,7 @@ class ConversionReport:
     newly_initialized: list[str] = field(default_factory=list)
     unused_checkpoint_weights: list[str] = field(default_factory=list)
     ignored_buffers: list[str] = field(default_factory=list)
+    mapped_weights: list[str] = field(default_factory=list)
 
     @property
     def is_lossless(self) -> bool:
@@ -141,6 +181,8 @@ class ConversionReport:
             lines.append("  renamed: " + ", ".join(f"{k} -> {v}" for k, v in self.key_mapping.items()))
         if self.config_changes:
             lines.append("  config: " + ", ".join(f"{k}={v!r}" for k, v in self.config_changes.items()))
+        for mapping in self.mapped_weights:
+            lines.append(f"  mapped: {mapping}")
         sections = (
             ("dropped (absolute position table, unused by the new encoding)", self.dropped_position_weights),
             ("added (new position parameters, initialised as in the encoding's paper)", self.added_position_weights),
@@ -158,19 +200,79 @@ class ConversionReport:
 
 
 def model_family(config_or_model_type: PreTrainedConfig | str) -> str:
-    """`"bert"` (BERT, RoBERTa, MiniLM, relpos_bert), `"gpt"` (GPT-2, relpos_gpt) or `"llama"` (Llama, Mistral,
-    Qwen2, relpos_llama); ValueError otherwise."""
+    """`"bert"` (BERT, RoBERTa, MiniLM, RoFormer, DeBERTa-v2/v3, relpos_bert), `"gpt"` (GPT-2, relpos_gpt) or
+    `"llama"` (Llama, Mistral, Qwen2, relpos_llama); ValueError otherwise."""
     model_type = getattr(config_or_model_type, "model_type", config_or_model_type)
-    if model_type in BERT_MODEL_TYPES | ROBERTA_MODEL_TYPES:
+    if model_type in BERT_MODEL_TYPES | ROBERTA_MODEL_TYPES | RELATIVE_MODEL_TYPES:
         return "bert"
     if model_type in GPT_MODEL_TYPES:
         return "gpt"
     if model_type in LLAMA_MODEL_TYPES:
         return "llama"
+    supported = BERT_MODEL_TYPES | ROBERTA_MODEL_TYPES | RELATIVE_MODEL_TYPES | GPT_MODEL_TYPES | LLAMA_MODEL_TYPES
+    raise ValueError(f"Cannot convert a checkpoint of model_type {model_type!r}: supported are {sorted(supported)}.")
+
+
+def _refuse(source_config: PreTrainedConfig, field_name: str, value: Any, supported: str) -> NoReturn:
     raise ValueError(
-        f"Cannot convert a checkpoint of model_type {model_type!r}: supported are "
-        f"{sorted(BERT_MODEL_TYPES | ROBERTA_MODEL_TYPES | GPT_MODEL_TYPES | LLAMA_MODEL_TYPES)}."
+        f"Cannot load this {source_config.model_type!r} checkpoint exactly: {field_name}={value!r} is not supported "
+        f"({supported})."
     )
+
+
+def source_encoding(source_config: PreTrainedConfig) -> tuple[str, dict[str, Any]]:
+    """The catalog encoding a (non-relpos) checkpoint uses, and the config fields that make it load exactly.
+
+    Raises `ValueError` for a configuration the relpos encoder cannot reproduce (RoFormer's `rotary_value`, a
+    factorised embedding, DeBERTa's convolution layer), never loading it approximately.
+    """
+    model_type = source_config.model_type
+    hidden_size = source_config.hidden_size
+    if model_type == "roformer":
+        if source_config.rotary_value:
+            _refuse(source_config, "rotary_value", True, "values are not rotated in the relpos encoder")
+        if source_config.embedding_size != hidden_size:
+            _refuse(source_config, "embedding_size", source_config.embedding_size,
+                    f"the relpos encoder has no embedding projection: it must equal hidden_size={hidden_size}")
+        # RoFormer's sinusoids: theta = 10000, every channel of the head rotated.
+        return "rope", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+                        "pooler_hidden_act": source_config.hidden_act}
+    if model_type == "deberta-v2":
+        head_dim = hidden_size // source_config.num_attention_heads
+        for name, supported in (("conv_kernel_size", 0), ("embedding_size", hidden_size),
+                                ("pooler_hidden_size", hidden_size), ("attention_head_size", head_dim)):
+            value = getattr(source_config, name, supported)
+            if value != supported:
+                _refuse(source_config, name, value, f"the relpos encoder reproduces only {name}={supported}")
+        fields = {"pooler_hidden_act": source_config.pooler_hidden_act}
+        if getattr(source_config, "cls_dropout", None) is not None:
+            fields["classifier_dropout"] = source_config.cls_dropout
+        if not source_config.relative_attention:
+            return "absolute", fields
+        max_relative_positions = source_config.max_relative_positions
+        if max_relative_positions < 1:
+            max_relative_positions = source_config.max_position_embeddings
+        return "deberta", {
+            **fields,
+            "position_buckets": max(source_config.position_buckets, 0),
+            "max_relative_positions": max_relative_positions,
+            "pos_att_type": list(source_config.pos_att_type or []),
+            "share_att_key": bool(getattr(source_config, "share_att_key", False)),
+            "norm_rel_ebd": getattr(source_config, "norm_rel_ebd", "none"),
+        }
+    if _v4_relative(source_config):
+        # v4's table of 2 * max_position_embeddings - 1 distances: ours, flipped, with k = max_position_embeddings - 1.
+        return source_config.position_embedding_type, {
+            "max_relative_positions": source_config.max_position_embeddings - 1
+        }
+    family = model_family(model_type)
+    position_type = getattr(source_config, "position_embedding_type", None) or SOURCE_ENCODING[family]
+    if position_type != SOURCE_ENCODING[family]:
+        raise NotImplementedError(
+            f"The source checkpoint uses position_embedding_type={position_type!r}; only "
+            f"{SOURCE_ENCODING[family]!r} checkpoints of this family (and BERT's {V4_RELATIVE_TYPES}) can be converted."
+        )
+    return position_type, getattr(CONFIG_OF_FAMILY[family], "implied_fields", {}).get(model_type, {})
 
 
 def _family_of_class(model_class: type[PreTrainedModel]) -> str:
@@ -208,12 +310,13 @@ def convert_config(
     source_config: PreTrainedConfig, position_embedding_type: str | None = None, **overrides
 ) -> RelPosBertConfig | RelPosGPTConfig | RelPosLlamaConfig:
     """A `RelPosBertConfig` / `RelPosGPTConfig` / `RelPosLlamaConfig` for `source_config` (BERT, RoBERTa, MiniLM,
-    GPT-2, or the Llama family).
+    RoFormer, DeBERTa-v2/v3, GPT-2, or the Llama family).
 
-    Every network field is kept; `position_embedding_type` (default: the source's, `absolute` or `rope`) and
-    `overrides` (encoding options such as `max_relative_positions`, or `num_labels`) are applied on top. A
-    RoBERTa-style source gets `position_offset = pad_token_id + 1` so that its table of `max_position_embeddings`
-    (514) rows is read where RoBERTa reads it.
+    Every network field is kept, with the fields of the source's own encoding (`source_encoding`);
+    `position_embedding_type` (default: the source's) and `overrides` (encoding options such as
+    `max_relative_positions`, or `num_labels`) are applied on top. A RoBERTa-style source gets
+    `position_offset = pad_token_id + 1` so that its table of `max_position_embeddings` (514) rows is read where
+    RoBERTa reads it.
     """
     model_type = source_config.model_type
     family = model_family(model_type)
@@ -222,14 +325,9 @@ def convert_config(
         for name in ("model_type", "transformers_version", "auto_map", "architectures"):
             values.pop(name, None)
     else:
-        source_position_type = getattr(source_config, "position_embedding_type", None) or SOURCE_ENCODING[family]
-        if source_position_type != SOURCE_ENCODING[family]:
-            raise NotImplementedError(
-                f"The source checkpoint uses position_embedding_type={source_position_type!r}; only "
-                f"{SOURCE_ENCODING[family]!r} checkpoints of this family can be converted."
-            )
+        source_position_type, fields = source_encoding(source_config)
         values = {key: value for key, value in source_config.to_dict().items() if key not in _SOURCE_ONLY_FIELDS}
-        values.update(getattr(CONFIG_OF_FAMILY[family], "implied_fields", {}).get(model_type, {}))
+        values.update(fields, position_embedding_type=source_position_type)
         if model_type in ROBERTA_MODEL_TYPES:
             pad_token_id = source_config.pad_token_id if source_config.pad_token_id is not None else 1
             values["position_offset"] = pad_token_id + 1
@@ -267,8 +365,6 @@ def _checkpoint_keys(source: str, **hub_kwargs) -> set[str] | None:
             return set(handle.keys())
     path = resolve("pytorch_model.bin")
     if path:
-        import torch
-
         return set(torch.load(path, map_location="meta", weights_only=True, mmap=True))
     return None
 
@@ -335,10 +431,10 @@ def load_converted(
     Args:
         model_class: a relpos class (`RelPosBertForSequenceClassification`, `RelPosGPTForCausalLM`, ...) or a task
             name from `TASKS` (`"sequence-classification"`, `"causal-lm"`, ...; the family follows the source).
-        source: a BERT / RoBERTa / MiniLM (BERT layout) / GPT-2 checkpoint, with or without its base-model prefix
-            (a bare `BertModel` or `GPT2Model` loads into any head), a Llama / SmolLM / Mistral / Qwen2 checkpoint
-            (a folder, or the path of a `.gguf` file), or a relpos checkpoint.
-        position_embedding_type: the new encoding (default: keep the source's, `absolute` or `rope`).
+        source: a BERT / RoBERTa / MiniLM (BERT layout) / RoFormer / DeBERTa-v2/v3 / GPT-2 checkpoint, with or
+            without its base-model prefix (a bare `BertModel` or `GPT2Model` loads into any head), a Llama / SmolLM /
+            Mistral / Qwen2 checkpoint (a folder, or the path of a `.gguf` file), or a relpos checkpoint.
+        position_embedding_type: the new encoding (default: keep the source's).
         config_overrides: encoding options (`max_relative_positions`, `rope_parameters`, ...) and any other config
             field (`num_labels`, `id2label`, `classifier_dropout`, ...).
 
@@ -367,7 +463,7 @@ def load_converted(
 
     config = convert_config(source_config, position_embedding_type, **config_overrides)
     checkpoint_keys = _checkpoint_keys(source, **hub_kwargs)
-    key_mapping = dict(ROBERTA_KEY_MAPPING) if source_config.model_type in ROBERTA_MODEL_TYPES else {}
+    key_mapping = _key_mapping(source_config)
     if (
         family == "bert"
         and checkpoint_keys is not None
@@ -384,10 +480,11 @@ def load_converted(
         load_kwargs["attn_implementation"] = attn_implementation
     with _quiet_transformers_load_report():
         model, loading_info = model_class.from_pretrained(source, **load_kwargs)
-    # Save under the relpos names: do not let save_pretrained revert the RoBERTa renaming.
+    # Save under the relpos names: do not let save_pretrained revert the renaming.
     model._weight_conversions = []
 
     report = _build_report(source, source_config, model, config, key_mapping, loading_info)
+    report.mapped_weights = _map_position_weights(model, source_config, loading_info)
     model.conversion_report = report
     _log_report(report)
     return model
@@ -414,14 +511,70 @@ def _held_back(held_logger):
         held_logger.removeFilter(drop_all)
 
 
+def _v4_relative(source_config: PreTrainedConfig) -> bool:
+    """A BERT checkpoint of transformers v4 with `relative_key` / `relative_key_query` (removed in v5)."""
+    return source_config.model_type == "bert" and (
+        getattr(source_config, "position_embedding_type", None) in V4_RELATIVE_TYPES
+    )
+
+
+def _key_mapping(source_config: PreTrainedConfig) -> dict[str, str]:
+    """Checkpoint names -> relpos names for the source's family (applied at load time, never reverted on save)."""
+    model_type = source_config.model_type
+    if model_type in ROBERTA_MODEL_TYPES:
+        return dict(ROBERTA_KEY_MAPPING)
+    if model_type == "roformer":
+        return dict(ROFORMER_KEY_MAPPING)
+    if model_type == "deberta-v2":
+        return dict(DEBERTA_KEY_MAPPING)
+    if _v4_relative(source_config):
+        return dict(V4_RELATIVE_KEY_MAPPING)
+    return {}
+
+
+def rotate_half_permutation(num_heads: int, head_dim: int) -> torch.Tensor:
+    """Output rows `[0, 2, 4, ..., 1, 3, 5, ...]` of every head: RoFormer rotates adjacent channel pairs
+    `(2m, 2m + 1)`, the relpos `rope` (Llama's layout) pairs `(m, m + head_dim / 2)`, both at frequency `m`."""
+    within = torch.cat((torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)))
+    return (torch.arange(num_heads)[:, None] * head_dim + within).flatten()
+
+
+@torch.no_grad()
+def _map_position_weights(model: PreTrainedModel, source_config: PreTrainedConfig, loading_info: dict) -> list[str]:
+    """Rewrite the loaded weights whose layout differs from the relpos one (a renaming cannot): RoFormer's query/key
+    rows, v4's distance tables. Returns what was done, for the report."""
+    base = model.base_model
+    if source_config.model_type == "roformer":
+        attentions = [layer.attention.self for layer in base.encoder.layer]
+        order = rotate_half_permutation(attentions[0].num_heads, attentions[0].head_dim)
+        for attention in attentions:
+            for projection in (attention.query, attention.key):
+                projection.weight.copy_(projection.weight[order])
+                projection.bias.copy_(projection.bias[order])
+        return ["query/key rows of every head permuted to [0, 2, 4, ..., 1, 3, 5, ...] (RoFormer's adjacent rotary "
+                "pairs -> rotate-half)"]
+    tables = getattr(base.position_encoding, "distance_embedding", None) if _v4_relative(source_config) else None
+    if tables is not None:
+        not_loaded = {str(key) for key in (*loading_info["missing_keys"], *(loading_info.get("mismatched_keys") or ()))}
+        flipped = []
+        for layer, table in enumerate(tables):
+            if not any(f"distance_embedding.{layer}.weight" in key for key in not_loaded):
+                # v4 reads row (i - j) + k, the relpos encoding row (j - i) + k.
+                table.weight.copy_(table.weight.flip(0))
+                flipped.append(layer)
+        if flipped:
+            return [f"distance tables of layers {flipped} flipped (v4 row (i - j) + k -> relpos row (j - i) + k)"]
+    return []
+
+
 def _build_report(source, source_config, model, config, key_mapping, loading_info) -> ConversionReport:
     changes = {}
     if source_config.model_type not in RELPOS_MODEL_TYPES:
         changes["model_type"] = f"{source_config.model_type} -> {config.model_type}"
     for name in ("position_embedding_type", "position_offset", "type_vocab_size"):
         before = getattr(source_config, name, None) if name != "position_offset" else 0
-        if name == "position_embedding_type" and before is None:
-            before = SOURCE_ENCODING[model_family(source_config)]
+        if name == "position_embedding_type" and source_config.model_type not in RELPOS_MODEL_TYPES:
+            before = source_encoding(source_config)[0]
         after = getattr(config, name, None)
         if name == "position_offset" and after == 0:
             continue

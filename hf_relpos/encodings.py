@@ -219,6 +219,10 @@ class PositionEncoding(nn.Module):
         """The bias as a flex-attention `score_mod(score, b, h, q_idx, kv_idx)`, or None."""
         return None
 
+    def bind_projections(self, projections: list[tuple[nn.Module, nn.Module]]) -> None:
+        """Receive each layer's `(query, key)` projection modules, for schemes that project their position
+        embeddings with them (DeBERTa's `share_att_key`). Called once by the model after its layers are built."""
+
     def scaling(self, head_dim: int) -> float:
         """Softmax scale of the content score `q.k`."""
         return head_dim**-0.5
@@ -863,21 +867,50 @@ class RelativeKeyQueryEncoding(RelativeKeyEncoding):
     uses_keys = True
 
 
-def make_log_bucket_position(relative_pos: torch.Tensor, bucket_size: int, max_position: int) -> torch.Tensor:
+def log_bucket_ratio(bucket_size: int, max_position: int) -> float:
+    """`log((max_position - 1) / (bucket_size // 2))` as `DebertaV2Model` computes it: the fp32 log of a CPU scalar.
+    An fp64 log rounds differently where the ratio of logs is an integer, and reads another bucket there."""
+    return float(torch.tensor((max_position - 1) / (bucket_size // 2), device="cpu").log())
+
+
+def make_log_bucket_position(
+    relative_pos: torch.Tensor, bucket_size: int, max_position: int, log_ratio: float | None = None
+) -> torch.Tensor:
     """DeBERTa's log buckets (He et al. 2021): distances below `bucket_size / 2` exact, then logarithmic up to
-    `max_position`; odd in `relative_pos`."""
+    `max_position`; odd in `relative_pos`. `log_ratio` is `log_bucket_ratio(bucket_size, max_position)`, computed
+    once by callers that run under torch.compile (a flex `score_mod`)."""
+    if log_ratio is None:
+        log_ratio = log_bucket_ratio(bucket_size, max_position)
     sign = torch.sign(relative_pos)
     mid = bucket_size // 2
     abs_pos = torch.where((relative_pos < mid) & (relative_pos > -mid), torch.full_like(relative_pos, mid - 1),
                           relative_pos.abs())
-    log_pos = torch.ceil(torch.log(abs_pos.float() / mid) / math.log((max_position - 1) / mid) * (mid - 1)) + mid
+    log_pos = torch.ceil(torch.log(abs_pos / mid) / log_ratio * (mid - 1)) + mid
     return torch.where(abs_pos <= mid, relative_pos, (log_pos * sign).long())
+
+
+def attention_terms(pos_att_type: str | list[str]) -> list[str]:
+    """DeBERTa's `pos_att_type` (`"p2c|c2p"` or `["p2c", "c2p"]`) as a list of lower-case terms."""
+    if isinstance(pos_att_type, str):
+        pos_att_type = pos_att_type.split("|")
+    return [term.strip().lower() for term in pos_att_type]
+
+
+def layer_norms_relative_embeddings(norm_rel_ebd: str) -> bool:
+    """Whether DeBERTa's `norm_rel_ebd` (`"layer_norm"`, `"none"`, or both joined by `|`) layer-norms `r`."""
+    return "layer_norm" in [part.strip() for part in norm_rel_ebd.lower().split("|")]
 
 
 class DisentangledEncoding(PositionEncoding):
     """DeBERTa's disentangled attention (He et al. 2021): `A_ij = (q_i.k_j + q_i.Kr_d + k_j.Qr_d) / sqrt(3 d)`,
-    `d = bucket(i - j)` (log buckets), with shared relative embeddings (layer-normed) and per-layer position
-    projections `Kr = W_k,l r`, `Qr = W_q,l r` (DeBERTa's `share_att_key=False` form)."""
+    `d = bucket(i - j)` (log buckets), with shared relative embeddings `r` and per-layer position projections
+    `Kr = W_k,l r`, `Qr = W_q,l r`.
+
+    DeBERTa's options, named as `DebertaV2Config` names them: `pos_att_type` picks the terms (`c2p`: `q_i.Kr_d`,
+    `p2c`: `k_j.Qr_d`; the scale is `1 / sqrt((1 + terms) d)`); `share_att_key` projects `r` with the layer's own
+    query and key projections (DeBERTa-v3) instead of `pos_query_proj` / `pos_key_proj`; `norm_rel_ebd="layer_norm"`
+    layer-norms `r` first (the default here, `"none"` in DeBERTa-v2).
+    """
 
     name = "deberta"
     has_bias = True
@@ -889,11 +922,26 @@ class DisentangledEncoding(PositionEncoding):
         self.position_buckets = config.position_buckets
         self.max_relative_positions = config.max_relative_positions
         self.span = self.position_buckets if self.position_buckets > 0 else self.max_relative_positions
+        self.log_ratio = (
+            log_bucket_ratio(self.position_buckets, self.max_relative_positions) if self.position_buckets > 0 else None
+        )
+        self.terms = attention_terms(config.pos_att_type)
+        self.row_tables = int("c2p" in self.terms)
+        self.share_att_key = config.share_att_key
         hidden = config.hidden_size
         self.rel_embeddings = nn.Embedding(2 * self.span, hidden)
-        self.LayerNorm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
-        self.pos_key_proj = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(self.num_layers))
-        self.pos_query_proj = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(self.num_layers))
+        self.LayerNorm = (
+            nn.LayerNorm(hidden, eps=config.layer_norm_eps) if layer_norms_relative_embeddings(config.norm_rel_ebd)
+            else None
+        )
+        if not self.share_att_key:
+            if "c2p" in self.terms:
+                self.pos_key_proj = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(self.num_layers))
+            if "p2c" in self.terms:
+                self.pos_query_proj = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(self.num_layers))
+        # share_att_key: each layer's (query, key) projections, bound by the model; a plain tuple, so the modules stay
+        # registered (and saved) where the model keeps them.
+        self.shared_projections: tuple[tuple[nn.Module, nn.Module], ...] = ()
         self._projections: dict[int, tuple] = {}
 
     @classmethod
@@ -905,9 +953,33 @@ class DisentangledEncoding(PositionEncoding):
                 f"log buckets, got max_relative_positions={config.max_relative_positions}, "
                 f"position_buckets={config.position_buckets}."
             )
+        if not isinstance(config.pos_att_type, (str, list, tuple)) or not isinstance(config.norm_rel_ebd, str):
+            raise ValueError(
+                f"pos_att_type must be a string or a list and norm_rel_ebd a string, got pos_att_type="
+                f"{config.pos_att_type!r}, norm_rel_ebd={config.norm_rel_ebd!r}."
+            )
+        if not isinstance(config.share_att_key, bool):
+            raise ValueError(f"share_att_key must be True or False, got {config.share_att_key!r}.")
+        terms = attention_terms(config.pos_att_type)
+        if not terms or not set(terms) <= {"c2p", "p2c"} or len(set(terms)) != len(terms):
+            raise ValueError(
+                f"pos_att_type must name 'c2p', 'p2c' or both (a list, or joined by '|'), got {config.pos_att_type!r}."
+            )
+        parts = {part.strip() for part in config.norm_rel_ebd.lower().split("|")}
+        if not parts <= {"layer_norm", "none"}:
+            raise ValueError(f"norm_rel_ebd must be 'layer_norm' or 'none', got {config.norm_rel_ebd!r}.")
+        if config.share_att_key and causal:
+            raise ValueError(
+                "share_att_key=True projects DeBERTa's relative embeddings with the layer's separate query and key "
+                "projections, which only the encoder (RelPosBertConfig) has; set share_att_key=False."
+            )
+
+    def bind_projections(self, projections: list[tuple[nn.Module, nn.Module]]) -> None:
+        if self.share_att_key:
+            self.shared_projections = tuple(projections)
 
     def scaling(self, head_dim: int) -> float:
-        return (3 * head_dim) ** -0.5
+        return ((1 + len(self.terms)) * head_dim) ** -0.5
 
     def prepare(self, query_positions, key_positions, dtype, dense=True) -> PositionState:
         state = PositionState(query_positions, key_positions, dtype=dtype, dense=dense)
@@ -919,7 +991,8 @@ class DisentangledEncoding(PositionEncoding):
         """Rows of the relative table, `bucket(i - j) + span` clamped to the table, elementwise."""
         relative = query_position - key_position
         if self.position_buckets > 0:
-            relative = make_log_bucket_position(relative, self.position_buckets, self.max_relative_positions)
+            relative = make_log_bucket_position(relative, self.position_buckets, self.max_relative_positions,
+                                                self.log_ratio)
         return (relative + self.span).clamp(0, 2 * self.span - 1)
 
     def relative_index(self, state: PositionState, rows: slice = slice(None)) -> torch.Tensor:
@@ -932,63 +1005,105 @@ class DisentangledEncoding(PositionEncoding):
         distances = torch.arange(-reach, reach + 1, device=relative.device)
         return self.distance_index(distances, torch.zeros_like(distances))[relative + reach]
 
-    def position_projections(self, layer_idx: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """`Kr` and `Qr` of one layer, `[heads, 2 span, head_dim]` each.
+    def projection_modules(self, layer_idx: int) -> tuple[nn.Module | None, nn.Module | None]:
+        """The modules that project `r` into `Kr` (for `c2p`) and `Qr` (for `p2c`) in one layer, or None."""
+        if self.share_att_key:
+            if not self.shared_projections:
+                raise RuntimeError(
+                    "share_att_key=True: the model must pass each layer's query and key projections to "
+                    "bind_projections before the first forward."
+                )
+            query_proj, key_proj = self.shared_projections[layer_idx]
+        else:
+            query_proj = self.pos_query_proj[layer_idx] if "p2c" in self.terms else None
+            key_proj = self.pos_key_proj[layer_idx] if "c2p" in self.terms else None
+        return (key_proj if "c2p" in self.terms else None), (query_proj if "p2c" in self.terms else None)
 
-        They depend on parameters only, so without autograd (inference, generation) they are kept until a parameter
-        changes, moves or is replaced: a decode step would otherwise project the whole table in every layer.
+    def position_projections(
+        self, layer_idx: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`Kr` and `Qr` of one layer, `[heads, 2 span, head_dim]` each (None for a term not in `pos_att_type`).
+
+        They depend on parameters only, so without autograd (inference, generation) they are kept while the
+        parameters they come from hold the same values: a decode step would otherwise project the whole table in
+        every layer (3.5x slower decoding at hidden 768, 256 buckets). The values are compared with a copy kept with
+        them, because an in-place write through `.data` changes neither a parameter's `_version` nor its `data_ptr`.
         """
-        parameters = (self.rel_embeddings.weight, *self.LayerNorm.parameters(),
-                      *self.pos_key_proj[layer_idx].parameters(), *self.pos_query_proj[layer_idx].parameters())
-        signature = (dtype, *((p.data_ptr(), p._version) for p in parameters))
-        kept = self._projections.get(layer_idx)
-        if not torch.is_grad_enabled() and kept is not None and kept[0] == signature:
-            return kept[1]
-        relative = self.LayerNorm(self.rel_embeddings.weight).to(dtype)
-        heads = (2 * self.span, self.num_heads, self.head_dim)
-        pos_key = self.pos_key_proj[layer_idx](relative).view(heads).transpose(0, 1)
-        pos_query = self.pos_query_proj[layer_idx](relative).view(heads).transpose(0, 1)
+        modules = self.projection_modules(layer_idx)
+        norm = () if self.LayerNorm is None else tuple(self.LayerNorm.parameters())
+        parameters = [self.rel_embeddings.weight, *norm,
+                      *(p for module in modules if module is not None for p in module.parameters())]
         if not torch.is_grad_enabled():
-            self._projections[layer_idx] = (signature, (pos_key, pos_query))
-        return pos_key, pos_query
+            kept = self._projections.get(layer_idx)
+            if kept is not None and kept[0] == dtype and all(map(same_values, kept[1], parameters)):
+                return kept[2]
+        relative = self.rel_embeddings.weight
+        relative = (relative if self.LayerNorm is None else self.LayerNorm(relative)).to(dtype)
+        heads = (2 * self.span, self.num_heads, self.head_dim)
+        projections = tuple(None if module is None else module(relative).view(heads).transpose(0, 1)
+                            for module in modules)
+        if not torch.is_grad_enabled():
+            self._projections[layer_idx] = (dtype, [p.detach().clone() for p in parameters], projections)
+        return projections
 
-    def distance_scores(self, query: torch.Tensor, key: torch.Tensor, layer_idx: int):
-        """`q . Kr` `[batch, heads, q_len, 2 span]` and `k . Qr` `[batch, heads, k_len, 2 span]`, scaled."""
+    def distance_scores(self, query: torch.Tensor, key: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, ...]:
+        """The tables of the terms in `pos_att_type`, scaled: `q . Kr` `[batch, heads, q_len, 2 span]` (c2p) and
+        `k . Qr` `[batch, heads, k_len, 2 span]` (p2c)."""
         pos_key, pos_query = self.position_projections(layer_idx, query.dtype)
         scale = self.scaling(query.shape[-1])
-        content_to_position = torch.matmul(query, pos_key.transpose(-1, -2)) * scale
-        position_to_content = torch.matmul(key, pos_query.transpose(-1, -2)) * scale
-        return content_to_position, position_to_content
+        tables = ()
+        if pos_key is not None:
+            tables += (torch.matmul(query, pos_key.transpose(-1, -2)) * scale,)
+        if pos_query is not None:
+            tables += (torch.matmul(key, pos_query.transpose(-1, -2)) * scale,)
+        return tables
 
     def bias_tables(self, query, key, state, layer_idx):
         return self.distance_scores(query, key, layer_idx)
 
     def bias_rows(self, tables, state, rows=slice(None)):
-        content_to_position, position_to_content = tables
         index = self.relative_index(state, rows)
-        bias = gather_relative(content_to_position, index)
-        return bias + gather_relative_keys(position_to_content, index)
+        tables = iter(tables)
+        bias = gather_relative(next(tables), index) if "c2p" in self.terms else 0
+        if "p2c" in self.terms:
+            bias = bias + gather_relative_keys(next(tables), index)
+        return bias
 
     def bias(self, query, key, state, layer_idx):
         pos_key, pos_query = self.position_projections(layer_idx, query.dtype)
-        if query.shape[2] * query.shape[-1] <= pos_query.shape[1]:
+        if query.shape[2] * query.shape[-1] <= 2 * self.span:
             # Few queries (a decode step): `k_j . Qr_d` for the pairs present, O(k_len d), instead of every cached
             # key against every row of the table, O(k_len 2 span d).
             scale, index = self.scaling(query.shape[-1]), state.tables["index"]
-            content_to_position = gather_relative(torch.matmul(query, pos_key.transpose(-1, -2)) * scale, index)
-            pairs = pos_query[:, index].transpose(0, 1)
-            return content_to_position + torch.einsum("bhkd,bhqkd->bhqk", key, pairs) * scale
+            bias = 0
+            if pos_key is not None:
+                bias = gather_relative(torch.matmul(query, pos_key.transpose(-1, -2)) * scale, index)
+            if pos_query is not None:
+                bias = bias + torch.einsum("bhkd,bhqkd->bhqk", key, pos_query[:, index].transpose(0, 1)) * scale
+            return bias
         return self.bias_rows(self.bias_tables(query, key, state, layer_idx), state)
 
     def score_mod(self, query, key, state, layer_idx):
-        c2p, p2c = self.distance_scores(query, key, layer_idx)
+        tables = self.distance_scores(query, key, layer_idx)
+        c2p = tables[0] if "c2p" in self.terms else None
+        p2c = tables[-1] if "p2c" in self.terms else None
         query_positions, key_positions = state.query_positions, state.key_positions
 
         def score_mod(score, b, h, q_idx, kv_idx):
             d = self.distance_index(query_positions[b, q_idx], key_positions[b, kv_idx])
-            return score + c2p[b, h, q_idx, d] + p2c[b, h, kv_idx, d]
+            if c2p is not None:
+                score = score + c2p[b, h, q_idx, d]
+            if p2c is not None:
+                score = score + p2c[b, h, kv_idx, d]
+            return score
 
         return score_mod
+
+
+def same_values(kept: torch.Tensor, parameter: torch.Tensor) -> bool:
+    """Whether `parameter` still holds exactly the values of the copy `kept` (same shape, dtype and device)."""
+    return (kept.shape == parameter.shape and kept.dtype == parameter.dtype and kept.device == parameter.device
+            and torch.equal(kept, parameter))
 
 
 POSITION_ENCODINGS: dict[str, type[PositionEncoding]] = {

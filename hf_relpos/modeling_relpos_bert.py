@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import CrossEntropyLoss
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -23,7 +24,6 @@ from transformers.models.bert.modeling_bert import (
     BertLMPredictionHead,
     BertOnlyMLMHead,
     BertOutput,
-    BertPooler,
     BertSelfOutput,
 )
 from transformers.utils import logging
@@ -68,6 +68,19 @@ class RelPosBertEmbeddings(nn.Module):
             embeddings = embeddings + self.token_type_embeddings(token_type_ids)
         embeddings = self.position_embeddings.embed(embeddings, position_ids)
         return self.dropout(self.LayerNorm(embeddings))
+
+
+class RelPosBertPooler(nn.Module):
+    """BERT's pooler, `act(W h_0 + b)` of the first token, with the activation `pooler_hidden_act` (BERT's `tanh`;
+    DeBERTa's and RoFormer's classification heads use their `gelu` here)."""
+
+    def __init__(self, config: RelPosBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = ACT2FN[config.pooler_hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(hidden_states[:, 0]))
 
 
 class RelPosBertSelfAttention(nn.Module):
@@ -159,7 +172,10 @@ class RelPosBertModel(RelPosBertPreTrainedModel):
         super().__init__(config)
         self.embeddings = RelPosBertEmbeddings(config)
         self.encoder = RelPosBertEncoder(config)
-        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.position_encoding.bind_projections(
+            [(layer.attention.self.query, layer.attention.self.key) for layer in self.encoder.layer]
+        )
+        self.pooler = RelPosBertPooler(config) if add_pooling_layer else None
         self.post_init()
 
     @property

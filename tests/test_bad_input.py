@@ -103,6 +103,11 @@ INVALID_OPTIONS = [
     ("deberta", {"position_buckets": -1}, "position_buckets must be an integer >= 0"),
     ("deberta", {"position_buckets": 64, "max_relative_positions": 16},
      "max_relative_positions - 1 > position_buckets"),
+    ("deberta", {"pos_att_type": ["c2p", "p2p"]}, "pos_att_type must name 'c2p', 'p2c' or both"),
+    ("deberta", {"pos_att_type": []}, "pos_att_type must name 'c2p', 'p2c' or both"),
+    ("deberta", {"norm_rel_ebd": "batch_norm"}, "norm_rel_ebd must be 'layer_norm' or 'none'"),
+    ("deberta", {"norm_rel_ebd": 1}, "norm_rel_ebd a string"),
+    ("deberta", {"share_att_key": "yes"}, "share_att_key must be True or False"),
     ("fire", {"fire_mlp_width": 0}, "fire_mlp_width must be an integer > 0"),
     ("absolute", {"position_offset": -1}, "position_offset must be an integer >= 0"),
     ("absolute", {"max_position_embeddings": 0}, "max_position_embeddings must be an integer > 0"),
@@ -120,6 +125,11 @@ INVALID_OPTIONS = [
 def test_invalid_encoding_option_names_the_field(name, overrides, message):
     with pytest.raises(ValueError, match=message):
         bert_config(position_embedding_type=name, **overrides)
+
+
+def test_deberta_share_att_key_is_refused_by_decoders():
+    with pytest.raises(ValueError, match="share_att_key=True .* only the encoder"):
+        gpt_config(position_embedding_type="deberta", share_att_key=True)
 
 
 def test_xpos_scale_base_must_be_positive():
