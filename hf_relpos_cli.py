@@ -101,8 +101,8 @@ ENCODING_OPTIONS = (
 def _add_convert(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "convert",
-        help="convert a BERT/RoBERTa/MiniLM/RoFormer/DeBERTa/GPT-2 or Llama-family (folder or .gguf) checkpoint to another position "
-        "encoding",
+        help="convert a BERT/RoBERTa/MiniLM/RoFormer/DeBERTa/GPT-2 or Llama-family (folder or .gguf) checkpoint to "
+        "another position encoding",
         description="Load SRC (a local folder or Hub id) into a relpos model with the chosen position encoding and "
         "save it to DST with its modelling code (trust_remote_code), tokenizer and conversion_report.json. DST must "
         "be new or empty (or --overwrite), and may not be or contain SRC; it is written in full beside DST and "
