@@ -18,6 +18,7 @@ from .adapt import adapt  # binds `hf_relpos.adapt` to the function (the module 
 from .configuration_relpos import RelPosBertConfig, RelPosGPTConfig, RelPosLlamaConfig
 from .encodings import POSITION_ENCODINGS, PositionEncoding, PositionState
 from .modeling_relpos_bert import (
+    RelPosBertForCausalLM,
     RelPosBertForMaskedLM,
     RelPosBertForMultipleChoice,
     RelPosBertForQuestionAnswering,
@@ -46,6 +47,7 @@ AUTO_CLASSES = {
     RelPosBertConfig: {
         AutoModel: RelPosBertModel,
         AutoModelForMaskedLM: RelPosBertForMaskedLM,
+        AutoModelForCausalLM: RelPosBertForCausalLM,
         AutoModelForSequenceClassification: RelPosBertForSequenceClassification,
         AutoModelForTokenClassification: RelPosBertForTokenClassification,
         AutoModelForQuestionAnswering: RelPosBertForQuestionAnswering,
@@ -81,6 +83,7 @@ __all__ = [
     "PositionEncoding",
     "PositionState",
     "RelPosBertConfig",
+    "RelPosBertForCausalLM",
     "RelPosBertForMaskedLM",
     "RelPosBertForMultipleChoice",
     "RelPosBertForQuestionAnswering",

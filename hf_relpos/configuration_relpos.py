@@ -143,6 +143,8 @@ class RelPosBertConfig(RelPosPretrainedConfig):
     r"""
     Configuration of a BERT-style encoder with a choice of position encoding. Field names are BERT's, so a BERT,
     RoBERTa or MiniLM `config.json` loads as is; the position fields are documented in `RelPosPretrainedConfig`.
+    `is_decoder=True` makes it BERT's decoder (`RelPosBertForCausalLM`: causal attention and the causal form of the
+    encoding), and `add_cross_attention=True` gives that decoder cross-attention, as in `BertLMHeadModel`.
     `pooler_hidden_act` (DeBERTa's name, default BERT's `tanh`) is the pooler's activation.
 
     Checkpoints of relative-position families (RoFormer, DeBERTa-v2/v3, BERT with v4's `relative_key(_query)`)
@@ -155,10 +157,13 @@ class RelPosBertConfig(RelPosPretrainedConfig):
     ```"""
 
     model_type = "relpos_bert"
+    # The KV cache (as a decoder) under its name before and from transformers 5.24: not a prediction.
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
     family_auto_map: ClassVar[dict[str, str]] = {
         "AutoConfig": "configuration_relpos.RelPosBertConfig",
         "AutoModel": "modeling_relpos_bert.RelPosBertModel",
         "AutoModelForMaskedLM": "modeling_relpos_bert.RelPosBertForMaskedLM",
+        "AutoModelForCausalLM": "modeling_relpos_bert.RelPosBertForCausalLM",
         "AutoModelForSequenceClassification": "modeling_relpos_bert.RelPosBertForSequenceClassification",
         "AutoModelForTokenClassification": "modeling_relpos_bert.RelPosBertForTokenClassification",
         "AutoModelForQuestionAnswering": "modeling_relpos_bert.RelPosBertForQuestionAnswering",
@@ -211,10 +216,10 @@ class RelPosBertConfig(RelPosPretrainedConfig):
         return super().from_dict(config_dict, **kwargs)
 
     def validate_position_encoding(self) -> None:
-        if self.is_decoder or self.add_cross_attention:
+        if self.add_cross_attention and not self.is_decoder:
             raise ValueError(
-                "RelPosBertConfig is the bidirectional encoder: is_decoder and add_cross_attention must be False; "
-                "use RelPosGPTConfig for a decoder."
+                "add_cross_attention=True needs is_decoder=True: cross-attention belongs to the decoder of an "
+                "encoder-decoder model."
             )
         _check_positive(self, "intermediate_size")
         _check_positive(self, "type_vocab_size", allow_zero=True)
