@@ -1,4 +1,4 @@
-"""Configurations of the relpos encoder (BERT field names) and decoders (GPT-2 and Llama field names).
+"""Configurations of the relpos encoder (BERT field names), decoders (GPT-2 and Llama field names) and encoder-decoder.
 
 All share the position fields of `RelPosConfigMixin`, validated when the config is built, so that a bad value
 fails with a `ValueError` naming the field before any model exists.
@@ -6,7 +6,7 @@ fails with a `ValueError` naming the field before any model exists.
 
 from typing import ClassVar
 
-from transformers import PreTrainedConfig
+from transformers import EncoderDecoderConfig, PreTrainedConfig
 from transformers.utils import logging
 
 from .encodings import get_encoding_class
@@ -369,3 +369,30 @@ class RelPosLlamaConfig(RelPosPretrainedConfig):
                 "sliding_window=None (the same model for sequences up to the window)."
             )
         super().validate_position_encoding()
+
+
+class RelPosEncoderDecoderConfig(EncoderDecoderConfig):
+    r"""
+    `EncoderDecoderConfig` whose halves are relpos configs (`RelPosBertConfig` encoder; `RelPosBertConfig` or
+    `RelPosGPTConfig` decoder), resolved from each half's `model_type` without the Auto registry, so that a saved
+    relpos encoder-decoder loads with `AutoModelForSeq2SeqLM.from_pretrained(path, trust_remote_code=True)` where
+    hf_relpos is not installed.
+    """
+
+    model_type = "relpos_encoder_decoder"
+    family_auto_map: ClassVar[dict[str, str]] = {
+        "AutoConfig": "configuration_relpos.RelPosEncoderDecoderConfig",
+        "AutoModelForSeq2SeqLM": "modeling_relpos_encoder_decoder.RelPosEncoderDecoderModel",
+    }
+
+    def __post_init__(self, **kwargs):
+        configs = {config.model_type: config for config in (RelPosBertConfig, RelPosGPTConfig)}
+        for key in ("encoder", "decoder"):
+            value = getattr(self, key)
+            if isinstance(value, dict):
+                model_type = value.get("model_type")
+                if model_type not in configs:
+                    raise ValueError(f"{key}.model_type must be one of {sorted(configs)}, got {model_type!r}.")
+                setattr(self, key, configs[model_type](**{k: v for k, v in value.items() if k != "model_type"}))
+        super().__post_init__(**kwargs)
+        self.auto_map = dict(self.family_auto_map)
