@@ -180,6 +180,7 @@ def build_model(model_args, decoder_tokenizer) -> EncoderDecoderModel:
             )
         encoder = load_converted(
             RelPosBertModel, model_args.encoder_name_or_path, cache_dir=model_args.cache_dir,
+            model_kwargs={"add_pooling_layer": False},
             **shared.config_overrides(model_args, model_args.encoder_position_embedding_type),
         )
         decoder = load_converted(

@@ -426,6 +426,7 @@ def load_converted(
     local_files_only: bool = False,
     dtype: Any = "auto",
     attn_implementation: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
     **config_overrides,
 ) -> PreTrainedModel:
     """Load the checkpoint `source` (local folder or Hub id) into `model_class` with another position encoding.
@@ -437,6 +438,7 @@ def load_converted(
             without its base-model prefix (a bare `BertModel` or `GPT2Model` loads into any head), a Llama / SmolLM /
             Mistral / Qwen2 checkpoint (a folder, or the path of a `.gguf` file), or a relpos checkpoint.
         position_embedding_type: the new encoding (default: keep the source's).
+        model_kwargs: arguments of the model's `__init__` (e.g. `{"add_pooling_layer": False}`).
         config_overrides: encoding options (`max_relative_positions`, `rope_parameters`, ...) and any other config
             field (`num_labels`, `id2label`, `classifier_dropout`, ...).
 
@@ -481,7 +483,7 @@ def load_converted(
     if attn_implementation is not None:
         load_kwargs["attn_implementation"] = attn_implementation
     with _quiet_transformers_load_report():
-        model, loading_info = model_class.from_pretrained(source, **load_kwargs)
+        model, loading_info = model_class.from_pretrained(source, **load_kwargs, **(model_kwargs or {}))
     # Save under the relpos names: do not let save_pretrained revert the renaming.
     model._weight_conversions = []
 
@@ -637,11 +639,12 @@ def load_seq2seq(
     """BERT2BERT (Rothe et al. 2020): an encoder-decoder whose two halves are warm-started from ONE BERT-family
     checkpoint, each converted to its own position encoding (e.g. MiniLM -> alibi encoder + alibi decoder).
 
-    The encoder is `RelPosBertModel`; the decoder is `RelPosBertForCausalLM` with `is_decoder=True` and
-    `add_cross_attention=True`, so its cross-attention (and any head the checkpoint lacks) is newly initialised and
-    listed as such in `model.conversion_report` (a `Seq2SeqConversionReport`). `decoder_start_token_id` and
-    `eos_token_id` default to the source tokenizer's `[CLS]` and `[SEP]` (BERT2BERT's choice), `pad_token_id` to the
-    source's. `kwargs` go to `load_converted` for both halves (encoding options, `attn_implementation`, ...).
+    The encoder is `RelPosBertModel` without BERT's pooler (a decoder reads every state); the decoder is
+    `RelPosBertForCausalLM` with `is_decoder=True` and `add_cross_attention=True`, so its cross-attention (and any head
+    the checkpoint lacks) is newly initialised and listed as such in `model.conversion_report` (a
+    `Seq2SeqConversionReport`). `decoder_start_token_id` and `eos_token_id` default to the source tokenizer's `[CLS]`
+    and `[SEP]` (BERT2BERT's choice), `pad_token_id` to the source's. `kwargs` go to `load_converted` for both
+    halves (encoding options, `attn_implementation`, ...).
 
     Returns a `RelPosEncoderDecoderModel`: `save_pretrained` writes the code of both halves, and the folder loads with
     `AutoModelForSeq2SeqLM.from_pretrained(path, trust_remote_code=True)`.
@@ -649,7 +652,9 @@ def load_seq2seq(
     from .modeling_relpos_encoder_decoder import RelPosEncoderDecoderModel
 
     source = os.fspath(source)
-    encoder = load_converted("base", source, encoder_position_embedding_type, **kwargs)
+    encoder = load_converted(
+        "base", source, encoder_position_embedding_type, model_kwargs={"add_pooling_layer": False}, **kwargs
+    )
     decoder = load_converted(
         "causal-lm", source, decoder_position_embedding_type, is_decoder=True, add_cross_attention=True, **kwargs
     )

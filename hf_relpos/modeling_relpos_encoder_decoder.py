@@ -15,8 +15,8 @@ from .modeling_relpos_gpt import RelPosGPTForCausalLM
 
 
 class RelPosEncoderDecoderModel(EncoderDecoderModel):
-    """A `RelPosBertModel` encoder and a `RelPosBertForCausalLM` or `RelPosGPTForCausalLM` decoder (with
-    cross-attention), each with its own position encoding."""
+    """A `RelPosBertModel` encoder (without BERT's pooler: the decoder reads every state) and a
+    `RelPosBertForCausalLM` or `RelPosGPTForCausalLM` decoder (with cross-attention), each with its own encoding."""
 
     config_class = RelPosEncoderDecoderConfig
 
@@ -34,7 +34,7 @@ class RelPosEncoderDecoderModel(EncoderDecoderModel):
                 # two class objects, and `EncoderDecoderModel` checks `isinstance`.
                 config = RelPosEncoderDecoderConfig.from_dict(config.to_dict())
             if encoder is None:
-                encoder = RelPosBertModel(config.encoder)
+                encoder = RelPosBertModel(config.encoder, add_pooling_layer=False)
             if decoder is None:
                 # By model_type: remote code may load the config module apart from this one's import of it.
                 decoder_class = (

@@ -55,6 +55,8 @@ def test_warm_start_loads_every_weight_but_the_position_table_and_reports_cross_
     assert report.encoder.dropped_position_weights == ["embeddings.position_embeddings.weight"]
     assert report.decoder.dropped_position_weights == ["embeddings.position_embeddings.weight"]
     assert not report.encoder.newly_initialized
+    # The encoder of an encoder-decoder has no pooler: the decoder reads every state.
+    assert report.encoder.unused_checkpoint_weights == ["pooler.dense.bias", "pooler.dense.weight"]
     new = report.decoder.newly_initialized
     assert new and all("crossattention" in key or key.startswith("cls.") for key in new), new
     assert {f"bert.encoder.layer.{i}.crossattention.self.query.weight" for i in range(2)} <= set(new)
@@ -159,7 +161,8 @@ def test_saved_seq2seq_reloads_in_a_clean_process_and_generates_identically(bert
         else:
             torch.manual_seed(index)
             model = RelPosEncoderDecoderModel(
-                encoder=RelPosBertModel(tiny_bert_config(position_embedding_type=encoder_encoding)),
+                encoder=RelPosBertModel(tiny_bert_config(position_embedding_type=encoder_encoding),
+                                        add_pooling_layer=False),
                 decoder=RelPosGPTForCausalLM(tiny_gpt_config(decoder_encoding, add_cross_attention=True)),
             ).eval()
             model.generation_config.decoder_start_token_id, model.generation_config.pad_token_id = START, 0
