@@ -136,6 +136,12 @@ def decoder_class_for(model_args):
             f"which no relpos decoder can load: pass a BERT-family checkpoint (RelPosBertForCausalLM) or a GPT-2 "
             f"one (RelPosGPTForCausalLM). ({error})"
         ) from None
+    if family not in DECODER_CLASSES:
+        raise ValueError(
+            f"--decoder_name_or_path {model_args.decoder_name_or_path!r} is a {config.model_type!r} checkpoint, which "
+            "no relpos decoder with cross-attention can load: pass a BERT-family checkpoint (RelPosBertForCausalLM) "
+            "or a GPT-2 one (RelPosGPTForCausalLM)."
+        )
     right = DECODER_CLASSES[family]
     if model_args.decoder_class not in (None, right.__name__):
         raise ValueError(
