@@ -2,6 +2,7 @@
 
 ```
 hf-relpos convert SRC DST --position-embedding-type alibi [--task sequence-classification] [--overwrite]
+hf-relpos convert SRC DST --position-embedding-type alibi --task seq2seq [--decoder-position-embedding-type rope]
 hf-relpos card DIR
 hf-relpos push DIR REPO_ID [--delete-stale]
 hf-relpos extrapolate MODEL [MODEL ...] --text-file eval.txt --lengths 64 128 256
@@ -112,7 +113,9 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("destination", metavar="DST")
     parser.add_argument("--position-embedding-type", required=True, help="absolute, alibi, rope, t5, ...")
     parser.add_argument("--task", help="the head: base, masked-lm, causal-lm, sequence-classification, ... (default: "
-                        "the source's architecture)")
+                        "the source's architecture); seq2seq: BERT2BERT, both halves warm-started from SRC")
+    parser.add_argument("--decoder-position-embedding-type",
+                        help="--task seq2seq: the decoder's encoding (default: --position-embedding-type)")
     parser.add_argument("--num-labels", type=int, help="classification heads: number of labels")
     parser.add_argument("--revision")
     parser.add_argument("--no-tokenizer", action="store_true", help="do not copy the tokenizer")
@@ -123,15 +126,21 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_convert(args: argparse.Namespace) -> int:
     _check_local_path(args.source, "SRC")
-    from hf_relpos.convert import TASKS, convert_checkpoint
+    from hf_relpos.convert import SEQ2SEQ_TASK, TASKS, convert_checkpoint
     from hf_relpos.encodings import POSITION_ENCODINGS
 
-    if args.position_embedding_type not in POSITION_ENCODINGS:
-        raise UsageError(f"unknown --position-embedding-type {args.position_embedding_type!r}; choose one of "
-                         f"{sorted(POSITION_ENCODINGS)}")
-    if args.task is not None and args.task not in TASKS:
-        raise UsageError(f"unknown --task {args.task!r}; choose one of {sorted(TASKS)}")
+    for flag in ("position_embedding_type", "decoder_position_embedding_type"):
+        value = getattr(args, flag)
+        if value is not None and value not in POSITION_ENCODINGS:
+            raise UsageError(f"unknown --{flag.replace('_', '-')} {value!r}; choose one of "
+                             f"{sorted(POSITION_ENCODINGS)}")
+    if args.task is not None and args.task not in [*TASKS, SEQ2SEQ_TASK]:
+        raise UsageError(f"unknown --task {args.task!r}; choose one of {sorted([*TASKS, SEQ2SEQ_TASK])}")
     options = {name: getattr(args, name) for name in ENCODING_OPTIONS if getattr(args, name) is not None}
+    if args.decoder_position_embedding_type is not None:
+        if args.task != SEQ2SEQ_TASK:
+            raise UsageError("--decoder-position-embedding-type needs --task seq2seq")
+        options["decoder_position_embedding_type"] = args.decoder_position_embedding_type
     if args.num_labels is not None:
         options["num_labels"] = args.num_labels
     if args.revision is not None:

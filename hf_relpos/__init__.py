@@ -10,14 +10,16 @@ from transformers import (
     AutoModelForMaskedLM,
     AutoModelForMultipleChoice,
     AutoModelForQuestionAnswering,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
 )
 
 from .adapt import adapt  # binds `hf_relpos.adapt` to the function (the module stays `hf_relpos.adapt` in imports)
-from .configuration_relpos import RelPosBertConfig, RelPosGPTConfig, RelPosLlamaConfig
+from .configuration_relpos import RelPosBertConfig, RelPosEncoderDecoderConfig, RelPosGPTConfig, RelPosLlamaConfig
 from .encodings import POSITION_ENCODINGS, PositionEncoding, PositionState
 from .modeling_relpos_bert import (
+    RelPosBertForCausalLM,
     RelPosBertForMaskedLM,
     RelPosBertForMultipleChoice,
     RelPosBertForQuestionAnswering,
@@ -26,6 +28,7 @@ from .modeling_relpos_bert import (
     RelPosBertModel,
     RelPosBertPreTrainedModel,
 )
+from .modeling_relpos_encoder_decoder import RelPosEncoderDecoderModel
 from .modeling_relpos_gpt import (
     RelPosGPTForCausalLM,
     RelPosGPTForSequenceClassification,
@@ -46,6 +49,7 @@ AUTO_CLASSES = {
     RelPosBertConfig: {
         AutoModel: RelPosBertModel,
         AutoModelForMaskedLM: RelPosBertForMaskedLM,
+        AutoModelForCausalLM: RelPosBertForCausalLM,
         AutoModelForSequenceClassification: RelPosBertForSequenceClassification,
         AutoModelForTokenClassification: RelPosBertForTokenClassification,
         AutoModelForQuestionAnswering: RelPosBertForQuestionAnswering,
@@ -61,6 +65,7 @@ AUTO_CLASSES = {
         AutoModelForCausalLM: RelPosLlamaForCausalLM,
         AutoModelForSequenceClassification: RelPosLlamaForSequenceClassification,
     },
+    RelPosEncoderDecoderConfig: {AutoModelForSeq2SeqLM: RelPosEncoderDecoderModel},
 }
 
 
@@ -81,6 +86,7 @@ __all__ = [
     "PositionEncoding",
     "PositionState",
     "RelPosBertConfig",
+    "RelPosBertForCausalLM",
     "RelPosBertForMaskedLM",
     "RelPosBertForMultipleChoice",
     "RelPosBertForQuestionAnswering",
@@ -88,6 +94,8 @@ __all__ = [
     "RelPosBertForTokenClassification",
     "RelPosBertModel",
     "RelPosBertPreTrainedModel",
+    "RelPosEncoderDecoderConfig",
+    "RelPosEncoderDecoderModel",
     "RelPosGPTConfig",
     "RelPosGPTForCausalLM",
     "RelPosGPTForSequenceClassification",

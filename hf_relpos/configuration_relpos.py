@@ -1,4 +1,4 @@
-"""Configurations of the relpos encoder (BERT field names) and decoders (GPT-2 and Llama field names).
+"""Configurations of the relpos encoder (BERT field names), decoders (GPT-2 and Llama field names) and encoder-decoder.
 
 All share the position fields of `RelPosConfigMixin`, validated when the config is built, so that a bad value
 fails with a `ValueError` naming the field before any model exists.
@@ -6,7 +6,7 @@ fails with a `ValueError` naming the field before any model exists.
 
 from typing import ClassVar
 
-from transformers import PreTrainedConfig
+from transformers import EncoderDecoderConfig, PreTrainedConfig
 from transformers.utils import logging
 
 from .encodings import get_encoding_class
@@ -143,6 +143,8 @@ class RelPosBertConfig(RelPosPretrainedConfig):
     r"""
     Configuration of a BERT-style encoder with a choice of position encoding. Field names are BERT's, so a BERT,
     RoBERTa or MiniLM `config.json` loads as is; the position fields are documented in `RelPosPretrainedConfig`.
+    `is_decoder=True` makes it BERT's decoder (`RelPosBertForCausalLM`: causal attention and the causal form of the
+    encoding), and `add_cross_attention=True` gives that decoder cross-attention, as in `BertLMHeadModel`.
     `pooler_hidden_act` (DeBERTa's name, default BERT's `tanh`) is the pooler's activation.
 
     Checkpoints of relative-position families (RoFormer, DeBERTa-v2/v3, BERT with v4's `relative_key(_query)`)
@@ -155,10 +157,13 @@ class RelPosBertConfig(RelPosPretrainedConfig):
     ```"""
 
     model_type = "relpos_bert"
+    # The KV cache (as a decoder) under its name before and from transformers 5.24: not a prediction.
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
     family_auto_map: ClassVar[dict[str, str]] = {
         "AutoConfig": "configuration_relpos.RelPosBertConfig",
         "AutoModel": "modeling_relpos_bert.RelPosBertModel",
         "AutoModelForMaskedLM": "modeling_relpos_bert.RelPosBertForMaskedLM",
+        "AutoModelForCausalLM": "modeling_relpos_bert.RelPosBertForCausalLM",
         "AutoModelForSequenceClassification": "modeling_relpos_bert.RelPosBertForSequenceClassification",
         "AutoModelForTokenClassification": "modeling_relpos_bert.RelPosBertForTokenClassification",
         "AutoModelForQuestionAnswering": "modeling_relpos_bert.RelPosBertForQuestionAnswering",
@@ -211,10 +216,10 @@ class RelPosBertConfig(RelPosPretrainedConfig):
         return super().from_dict(config_dict, **kwargs)
 
     def validate_position_encoding(self) -> None:
-        if self.is_decoder or self.add_cross_attention:
+        if self.add_cross_attention and not self.is_decoder:
             raise ValueError(
-                "RelPosBertConfig is the bidirectional encoder: is_decoder and add_cross_attention must be False; "
-                "use RelPosGPTConfig for a decoder."
+                "add_cross_attention=True needs is_decoder=True: cross-attention belongs to the decoder of an "
+                "encoder-decoder model."
             )
         _check_positive(self, "intermediate_size")
         _check_positive(self, "type_vocab_size", allow_zero=True)
@@ -364,3 +369,30 @@ class RelPosLlamaConfig(RelPosPretrainedConfig):
                 "sliding_window=None (the same model for sequences up to the window)."
             )
         super().validate_position_encoding()
+
+
+class RelPosEncoderDecoderConfig(EncoderDecoderConfig):
+    r"""
+    `EncoderDecoderConfig` whose halves are relpos configs (`RelPosBertConfig` encoder; `RelPosBertConfig` or
+    `RelPosGPTConfig` decoder), resolved from each half's `model_type` without the Auto registry, so that a saved
+    relpos encoder-decoder loads with `AutoModelForSeq2SeqLM.from_pretrained(path, trust_remote_code=True)` where
+    hf_relpos is not installed.
+    """
+
+    model_type = "relpos_encoder_decoder"
+    family_auto_map: ClassVar[dict[str, str]] = {
+        "AutoConfig": "configuration_relpos.RelPosEncoderDecoderConfig",
+        "AutoModelForSeq2SeqLM": "modeling_relpos_encoder_decoder.RelPosEncoderDecoderModel",
+    }
+
+    def __post_init__(self, **kwargs):
+        configs = {config.model_type: config for config in (RelPosBertConfig, RelPosGPTConfig)}
+        for key in ("encoder", "decoder"):
+            value = getattr(self, key)
+            if isinstance(value, dict):
+                model_type = value.get("model_type")
+                if model_type not in configs:
+                    raise ValueError(f"{key}.model_type must be one of {sorted(configs)}, got {model_type!r}.")
+                setattr(self, key, configs[model_type](**{k: v for k, v in value.items() if k != "model_type"}))
+        super().__post_init__(**kwargs)
+        self.auto_map = dict(self.family_auto_map)

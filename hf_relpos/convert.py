@@ -125,7 +125,7 @@ _SOURCE_ONLY_FIELDS = (
 TASKS: dict[str, dict[str, str | None]] = {
     "base": {"bert": "RelPosBertModel", "gpt": "RelPosGPTModel", "llama": "RelPosLlamaModel"},
     "masked-lm": {"bert": "RelPosBertForMaskedLM", "gpt": None, "llama": None},
-    "causal-lm": {"bert": None, "gpt": "RelPosGPTForCausalLM", "llama": "RelPosLlamaForCausalLM"},
+    "causal-lm": {"bert": "RelPosBertForCausalLM", "gpt": "RelPosGPTForCausalLM", "llama": "RelPosLlamaForCausalLM"},
     "sequence-classification": {
         "bert": "RelPosBertForSequenceClassification", "gpt": "RelPosGPTForSequenceClassification",
         "llama": "RelPosLlamaForSequenceClassification",
@@ -134,6 +134,8 @@ TASKS: dict[str, dict[str, str | None]] = {
     "question-answering": {"bert": "RelPosBertForQuestionAnswering", "gpt": None, "llama": None},
     "multiple-choice": {"bert": "RelPosBertForMultipleChoice", "gpt": None, "llama": None},
 }
+# Not a head of one family: an encoder-decoder warm-started from one BERT-family checkpoint (`load_seq2seq`).
+SEQ2SEQ_TASK = "seq2seq"
 _ARCHITECTURE_SUFFIX_TO_TASK = {
     "ForMaskedLM": "masked-lm",
     "LMHeadModel": "causal-lm",
@@ -424,6 +426,7 @@ def load_converted(
     local_files_only: bool = False,
     dtype: Any = "auto",
     attn_implementation: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
     **config_overrides,
 ) -> PreTrainedModel:
     """Load the checkpoint `source` (local folder or Hub id) into `model_class` with another position encoding.
@@ -435,6 +438,7 @@ def load_converted(
             without its base-model prefix (a bare `BertModel` or `GPT2Model` loads into any head), a Llama / SmolLM /
             Mistral / Qwen2 checkpoint (a folder, or the path of a `.gguf` file), or a relpos checkpoint.
         position_embedding_type: the new encoding (default: keep the source's).
+        model_kwargs: arguments of the model's `__init__` (e.g. `{"add_pooling_layer": False}`).
         config_overrides: encoding options (`max_relative_positions`, `rope_parameters`, ...) and any other config
             field (`num_labels`, `id2label`, `classifier_dropout`, ...).
 
@@ -479,7 +483,7 @@ def load_converted(
     if attn_implementation is not None:
         load_kwargs["attn_implementation"] = attn_implementation
     with _quiet_transformers_load_report():
-        model, loading_info = model_class.from_pretrained(source, **load_kwargs)
+        model, loading_info = model_class.from_pretrained(source, **load_kwargs, **(model_kwargs or {}))
     # Save under the relpos names: do not let save_pretrained revert the renaming.
     model._weight_conversions = []
 
@@ -605,6 +609,76 @@ def _build_report(source, source_config, model, config, key_mapping, loading_inf
     return report
 
 
+@dataclass
+class Seq2SeqConversionReport:
+    """What `load_seq2seq` did: one `ConversionReport` per half."""
+
+    encoder: ConversionReport
+    decoder: ConversionReport
+
+    @property
+    def is_lossless(self) -> bool:
+        return self.encoder.is_lossless and self.decoder.is_lossless
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"encoder": self.encoder.to_dict(), "decoder": self.decoder.to_dict()}
+
+    def __str__(self) -> str:
+        return f"encoder: {self.encoder}\ndecoder: {self.decoder}"
+
+
+def load_seq2seq(
+    source: str | os.PathLike,
+    encoder_position_embedding_type: str | None = None,
+    decoder_position_embedding_type: str | None = None,
+    *,
+    decoder_start_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    **kwargs,
+) -> PreTrainedModel:
+    """BERT2BERT (Rothe et al. 2020): an encoder-decoder whose two halves are warm-started from ONE BERT-family
+    checkpoint, each converted to its own position encoding (e.g. MiniLM -> alibi encoder + alibi decoder).
+
+    The encoder is `RelPosBertModel` without BERT's pooler (a decoder reads every state); the decoder is
+    `RelPosBertForCausalLM` with `is_decoder=True` and `add_cross_attention=True`, so its cross-attention (and any head
+    the checkpoint lacks) is newly initialised and listed as such in `model.conversion_report` (a
+    `Seq2SeqConversionReport`). `decoder_start_token_id` and `eos_token_id` default to the source tokenizer's `[CLS]`
+    and `[SEP]` (BERT2BERT's choice), `pad_token_id` to the source's. `kwargs` go to `load_converted` for both
+    halves (encoding options, `attn_implementation`, ...).
+
+    Returns a `RelPosEncoderDecoderModel`: `save_pretrained` writes the code of both halves, and the folder loads with
+    `AutoModelForSeq2SeqLM.from_pretrained(path, trust_remote_code=True)`.
+    """
+    from .modeling_relpos_encoder_decoder import RelPosEncoderDecoderModel
+
+    source = os.fspath(source)
+    encoder = load_converted(
+        "base", source, encoder_position_embedding_type, model_kwargs={"add_pooling_layer": False}, **kwargs
+    )
+    decoder = load_converted(
+        "causal-lm", source, decoder_position_embedding_type, is_decoder=True, add_cross_attention=True, **kwargs
+    )
+    if decoder_start_token_id is None or eos_token_id is None:
+        from transformers import AutoTokenizer
+
+        hub_keys = ("revision", "cache_dir", "token", "local_files_only")
+        tokenizer = AutoTokenizer.from_pretrained(source, **{key: kwargs[key] for key in hub_keys if key in kwargs})
+        start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+        end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        decoder_start_token_id = start if decoder_start_token_id is None else decoder_start_token_id
+        eos_token_id = end if eos_token_id is None else eos_token_id
+    model = RelPosEncoderDecoderModel(encoder=encoder, decoder=decoder)
+    special = {
+        "decoder_start_token_id": decoder_start_token_id, "bos_token_id": decoder_start_token_id,
+        "eos_token_id": eos_token_id, "pad_token_id": decoder.config.pad_token_id,
+    }
+    for config in (model.config, model.generation_config):
+        for name, value in special.items():
+            setattr(config, name, value)
+    model.conversion_report = Seq2SeqConversionReport(encoder.conversion_report, decoder.conversion_report)
+    return model.eval()
+
+
 def convert_checkpoint(
     source: str | os.PathLike,
     save_directory: str | os.PathLike,
@@ -616,8 +690,10 @@ def convert_checkpoint(
     **kwargs,
 ) -> tuple[PreTrainedModel, ConversionReport]:
     """Convert `source` and save it to `save_directory` with its modelling code, full `auto_map`, tokenizer and
-    `conversion_report.json`. `task` picks the head (default: the source's, from its `architectures`);
-    `kwargs` go to `load_converted`. Returns the model and its report.
+    `conversion_report.json`. `task` picks the head (default: the source's, from its `architectures`), or
+    `"seq2seq"`: BERT2BERT warm-started from `source` (`load_seq2seq`; `position_embedding_type` is the encoder's
+    and `decoder_position_embedding_type`, default the same, the decoder's). `kwargs` go to `load_converted`.
+    Returns the model and its report.
 
     The source is never written to. A non-empty `save_directory` is refused unless `overwrite`; the result is built
     in a folder beside it and renamed into place (`_replace_directory`), so a crash leaves the old folder or the
@@ -631,7 +707,11 @@ def convert_checkpoint(
     if task is None:
         folder, gguf_kwargs = _split_gguf(source)
         task = infer_task(AutoConfig.from_pretrained(folder, **gguf_kwargs, **hub_kwargs))
-    model = load_converted(task, source, position_embedding_type, **kwargs)
+    if task == SEQ2SEQ_TASK:
+        decoder_position_embedding_type = kwargs.pop("decoder_position_embedding_type", None) or position_embedding_type
+        model = load_seq2seq(source, position_embedding_type, decoder_position_embedding_type, **kwargs)
+    else:
+        model = load_converted(task, source, position_embedding_type, **kwargs)
     report = model.conversion_report
     with _replace_directory(save_directory, overwrite) as staging:
         model.save_pretrained(staging)
@@ -772,11 +852,14 @@ def _copy_tokenizer(source: str, save_directory: str, hub_kwargs: dict) -> None:
 
 __all__ = [
     "ConversionReport",
+    "SEQ2SEQ_TASK",
+    "Seq2SeqConversionReport",
     "TASKS",
     "convert_checkpoint",
     "convert_config",
     "get_model_class",
     "infer_task",
     "load_converted",
+    "load_seq2seq",
     "model_family",
 ]

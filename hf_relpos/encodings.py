@@ -170,7 +170,8 @@ class PositionEncoding(nn.Module):
         if cls.decoder_only and not causal:
             raise ValueError(
                 f"position_embedding_type={cls.name!r} is causal by design and only available in decoders "
-                "(RelPosGPTConfig); choose another position_embedding_type for an encoder."
+                "(RelPosGPTConfig, or RelPosBertConfig with is_decoder=True); choose another position_embedding_type "
+                "for an encoder."
             )
 
     def embed(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:

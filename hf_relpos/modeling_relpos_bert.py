@@ -1,7 +1,10 @@
 """A BERT-style encoder whose position encoding is chosen by `config.position_embedding_type`.
 
 Module names and shapes are BERT's, so BERT, RoBERTa and MiniLM checkpoints load by name; the encoding sits where
-BERT keeps `embeddings.position_embeddings` (for `absolute` it *is* that table).
+BERT keeps `embeddings.position_embeddings` (for `absolute` it *is* that table). With `is_decoder=True` (and
+`add_cross_attention=True`) it is BERT's decoder, as in `BertLMHeadModel`: causal self-attention with the causal
+form of the encoding, cross-attention without position terms, a KV cache and `generate` (`RelPosBertForCausalLM`),
+so one BERT checkpoint warm-starts both halves of an `EncoderDecoderModel` (Rothe et al. 2020, BERT2BERT).
 """
 
 import torch
@@ -9,16 +12,20 @@ from torch import nn
 from torch.nn import CrossEntropyLoss
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.masking_utils import create_bidirectional_mask
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
+    CausalLMOutputWithCrossAttentions,
     MaskedLMOutput,
     MultipleChoiceModelOutput,
     QuestionAnsweringModelOutput,
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.bert.modeling_bert import (
     BertIntermediate,
     BertLMPredictionHead,
@@ -28,11 +35,13 @@ from transformers.models.bert.modeling_bert import (
 )
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
-from transformers.utils.output_capturing import capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .attention import (
+    CACHE_FIELD,
     RelPosPreTrainedModel,
     attention_forward,
+    cache_argument,
     check_attention_mask,
     check_inputs,
     dense_bias,
@@ -51,7 +60,7 @@ class RelPosBertEmbeddings(nn.Module):
     def __init__(self, config: RelPosBertConfig):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.position_embeddings = build_position_encoding(config, causal=False)
+        self.position_embeddings = build_position_encoding(config, causal=config.is_decoder)
         self.token_type_embeddings = (
             nn.Embedding(config.type_vocab_size, config.hidden_size) if config.type_vocab_size > 0 else None
         )
@@ -84,9 +93,10 @@ class RelPosBertPooler(nn.Module):
 
 
 class RelPosBertSelfAttention(nn.Module):
-    """BERT's `query`/`key`/`value` projections around `attention_forward`."""
+    """BERT's `query`/`key`/`value` projections around `attention_forward`: self-attention (causal when
+    `config.is_decoder`) or, with `is_cross_attention`, attention over the encoder's states with no position terms."""
 
-    def __init__(self, config: RelPosBertConfig, layer_idx: int):
+    def __init__(self, config: RelPosBertConfig, layer_idx: int, is_cross_attention: bool = False):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
@@ -96,31 +106,56 @@ class RelPosBertSelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_prob = config.attention_probs_dropout_prob
-        self.is_causal = False
+        self.is_cross_attention = is_cross_attention
+        self.is_causal = config.is_decoder and not is_cross_attention
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """`[batch, len, hidden] -> [batch, heads, len, head_dim]`."""
+        return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def cross_keys_values(
+        self, encoder_hidden_states: torch.Tensor, cache: EncoderDecoderCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the encoder's states `[batch, heads, src_len, head_dim]`: projected at the first step
+        of a generation and read back from the cross-attention cache at every later one."""
+        if cache is not None and cache.is_updated.get(self.layer_idx):
+            layer = cache.cross_attention_cache.layers[self.layer_idx]
+            return layer.keys, layer.values
+        key = self.split_heads(self.key(encoder_hidden_states))
+        value = self.split_heads(self.value(encoder_hidden_states))
+        if cache is not None:
+            key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
+            cache.is_updated[self.layer_idx] = True
+        return key, value
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        position_encoding: PositionEncoding,
-        position_state: PositionState,
+        position_encoding: PositionEncoding | None,
+        position_state: PositionState | None,
+        cache: Cache | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        shape = (*hidden_states.shape[:-1], self.num_heads, self.head_dim)
-        query = self.query(hidden_states).view(shape).transpose(1, 2)
-        key = self.key(hidden_states).view(shape).transpose(1, 2)
-        value = self.value(hidden_states).view(shape).transpose(1, 2)
+        query = self.split_heads(self.query(hidden_states))
+        if self.is_cross_attention:
+            key, value = self.cross_keys_values(encoder_hidden_states, cache)
+            self_cache = None
+        else:
+            key, value = self.split_heads(self.key(hidden_states)), self.split_heads(self.value(hidden_states))
+            self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
         output, weights = attention_forward(
-            self, query, key, value, attention_mask, position_encoding, position_state,
+            self, query, key, value, attention_mask, position_encoding, position_state, cache=self_cache,
             dropout=self.dropout_prob if self.training else 0.0, **kwargs,
         )
         return output.reshape(*hidden_states.shape[:-1], -1), weights
 
 
 class RelPosBertAttention(nn.Module):
-    def __init__(self, config: RelPosBertConfig, layer_idx: int):
+    def __init__(self, config: RelPosBertConfig, layer_idx: int, is_cross_attention: bool = False):
         super().__init__()
-        self.self = RelPosBertSelfAttention(config, layer_idx)
+        self.self = RelPosBertSelfAttention(config, layer_idx, is_cross_attention)
         self.output = BertSelfOutput(config)
 
     def forward(self, hidden_states, attention_mask, position_encoding, position_state, **kwargs):
@@ -132,11 +167,35 @@ class RelPosBertLayer(GradientCheckpointingLayer):
     def __init__(self, config: RelPosBertConfig, layer_idx: int):
         super().__init__()
         self.attention = RelPosBertAttention(config, layer_idx)
+        if config.add_cross_attention:
+            self.crossattention = RelPosBertAttention(config, layer_idx, is_cross_attention=True)
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, hidden_states, attention_mask, position_encoding, position_state, **kwargs) -> torch.Tensor:
-        attention_output = self.attention(hidden_states, attention_mask, position_encoding, position_state, **kwargs)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_encoding: PositionEncoding,
+        position_state: PositionState,
+        cache: Cache | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attention_output = self.attention(
+            hidden_states, attention_mask, position_encoding, position_state, cache=cache, **kwargs
+        )
+        if encoder_hidden_states is not None:
+            if not hasattr(self, "crossattention"):
+                raise ValueError(
+                    "encoder_hidden_states were passed but the model has no cross-attention: build it with "
+                    "is_decoder=True and add_cross_attention=True."
+                )
+            attention_output = self.crossattention(
+                attention_output, encoder_attention_mask, None, None, cache=cache,
+                encoder_hidden_states=encoder_hidden_states,
+            )
         return self.output(self.intermediate(attention_output), attention_output)
 
 
@@ -156,7 +215,12 @@ class RelPosBertPreTrainedModel(RelPosPreTrainedModel):
     config_class = RelPosBertConfig
     base_model_prefix = "bert"
     _no_split_modules = ["RelPosBertEmbeddings", "RelPosBertLayer"]
-    _can_record_outputs = {"hidden_states": RelPosBertLayer, "attentions": RelPosBertSelfAttention}
+    _skip_keys_device_placement = ["cache", "past_key_values"]
+    _can_record_outputs = {
+        "hidden_states": RelPosBertLayer,
+        "attentions": OutputRecorder(RelPosBertSelfAttention, layer_name=".attention.self", index=1),
+        "cross_attentions": OutputRecorder(RelPosBertSelfAttention, layer_name=".crossattention.self", index=1),
+    }
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -197,25 +261,57 @@ class RelPosBertModel(RelPosBertPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPoolingAndCrossAttentions:
-        """`attention_mask` `[batch, len]` (1 = token, 0 = padding); positions count real tokens only, so padding
-        on either side leaves every real token's output unchanged."""
+        """`attention_mask` `[batch, past + len]` (1 = token, 0 = padding); positions count real tokens only, so
+        padding on either side leaves every real token's output unchanged. As a decoder (`config.is_decoder`):
+        causal attention, cross-attention over `encoder_hidden_states` `[batch, src_len, hidden]` (padding in
+        `encoder_attention_mask` `[batch, src_len]`), and the KV cache as `cache` or `past_key_values`."""
+        cache = cache_argument(cache, kwargs)
         check_inputs(input_ids, inputs_embeds, position_ids, self.config.hidden_size)
         if inputs_embeds is None:
             inputs_embeds = self.embeddings.word_embeddings(input_ids)
+        use_cache = bool(use_cache) and self.config.is_decoder
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if use_cache and self.config.add_cross_attention and not isinstance(cache, EncoderDecoderCache):
+            cache = EncoderDecoderCache(cache, DynamicCache(config=self.config))
         batch_size, length = inputs_embeds.shape[:2]
-        check_attention_mask(attention_mask, batch_size, length, 0, length)
+        past_length, key_length = 0, length
+        if cache is not None:
+            past_length = cache.get_seq_length()
+            key_length, _ = cache.get_mask_sizes(length, 0)
+        check_attention_mask(attention_mask, batch_size, length, past_length, key_length)
         query_positions, key_positions = token_positions(
-            attention_mask, position_ids, batch_size, length, 0, length, inputs_embeds.device
+            attention_mask, position_ids, batch_size, length, past_length, key_length, inputs_embeds.device
         )
         hidden_states = self.embeddings(inputs_embeds, token_type_ids, query_positions)
-        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
+        if self.config.is_decoder:
+            # The cache is passed by position: its keyword is `past_key_values` before 5.24 and `cache` from it on.
+            mask = create_causal_mask(self.config, hidden_states, attention_mask, cache, position_ids=query_positions)
+        else:
+            mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
+            )
+        if encoder_hidden_states is not None:
+            encoder_attention_mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden_states, attention_mask=encoder_attention_mask,
+                encoder_hidden_states=encoder_hidden_states,
+            )
         dense = dense_bias(self.config, self.position_encoding, query_positions, key_positions)
         state = self.position_encoding.prepare(query_positions, key_positions, hidden_states.dtype, dense=dense)
-        hidden_states = self.encoder(hidden_states, mask, self.position_encoding, state, **kwargs)
+        hidden_states = self.encoder(
+            hidden_states, mask, self.position_encoding, state, cache=cache,
+            encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask, **kwargs,
+        )
         pooled = self.pooler(hidden_states) if self.pooler is not None else None
-        return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=hidden_states, pooler_output=pooled)
+        return BaseModelOutputWithPoolingAndCrossAttentions(
+            last_hidden_state=hidden_states, pooler_output=pooled, **{CACHE_FIELD: cache if use_cache else None}
+        )
 
 
 class RelPosBertForMaskedLM(RelPosBertPreTrainedModel):
@@ -248,6 +344,68 @@ class RelPosBertForMaskedLM(RelPosBertPreTrainedModel):
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                               attentions=outputs.attentions)
+
+
+class RelPosBertForCausalLM(RelPosBertPreTrainedModel, GenerationMixin):
+    """BERT as a left-to-right decoder (`BertLMHeadModel`): BERT's `cls` head, causal self-attention, optional
+    cross-attention (`add_cross_attention=True`, newly initialised when loading a BERT checkpoint) and `generate`.
+    Needs `config.is_decoder=True`; as the decoder of an `EncoderDecoderModel` it is warm-started from the same BERT
+    checkpoint as the encoder (Rothe et al. 2020)."""
+
+    _tied_weights_keys = {
+        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.bias": "cls.predictions.bias",
+    }
+
+    def __init__(self, config: RelPosBertConfig):
+        if not config.is_decoder:
+            raise ValueError(
+                "RelPosBertForCausalLM needs is_decoder=True (causal attention); e.g. "
+                "RelPosBertForCausalLM.from_pretrained(path, is_decoder=True, add_cross_attention=True)."
+            )
+        super().__init__(config)
+        self.bert = RelPosBertModel(config, add_pooling_layer=False)
+        self.cls = BertOnlyMLMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.cls.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.cls.predictions.decoder = new_embeddings
+        self.cls.predictions.bias = new_embeddings.bias
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithCrossAttentions:
+        """`labels` `[batch, len]` are shifted inside the loss; the loss honours Trainer's `num_items_in_batch`."""
+        outputs = self.bert(
+            input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask, cache=cache_argument(cache, kwargs),
+            use_cache=use_cache if labels is None else False, return_dict=True, **kwargs,
+        )
+        logits = self.cls(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithCrossAttentions(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            cross_attentions=outputs.cross_attentions, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+        )
 
 
 class RelPosBertForSequenceClassification(RelPosBertPreTrainedModel):

@@ -270,7 +270,8 @@ def test_wrong_family_is_refused(tmp_path):
 
         with pytest.raises(ValueError, match="cannot load"):
             load_converted(RelPosGPTForCausalLM, tmp_path)
-    with pytest.raises(ValueError, match="no 'causal-lm' head"):
+    # BERT's causal-LM head is the decoder of BERT2BERT: without is_decoder it would not be causal.
+    with pytest.raises(ValueError, match="needs is_decoder=True"):
         load_converted("causal-lm", tmp_path)
 
 

@@ -191,6 +191,34 @@ def test_run_translation_learns_reversal(tmp_path, tiny_bert, tiny_gpt2):
 
 
 @pytest.mark.slow
+def test_run_translation_bert2bert_from_one_checkpoint_learns_reversal(tmp_path, tiny_bert):
+    """BERT2BERT: both halves warm-started from the one tiny BERT, t5 encoder and alibi decoder; the test file is
+    scored per source length, next to copying the source."""
+    rng = random.Random(0)
+    rows = []
+    for _ in range(640):
+        words = [rng.choice(DIGITS) for _ in range(rng.randrange(3, 5))]
+        rows.append({"source": " ".join(words), "target": " ".join(reversed(words))})
+    train = write_jsonl(tmp_path / "train.jsonl", rows[:560])
+    valid = write_jsonl(tmp_path / "valid.jsonl", rows[560:600])
+    test = write_jsonl(tmp_path / "test.jsonl", rows[600:])
+    out = tmp_path / "out"
+    results = load_example("run_translation").main([
+        "--model_name_or_path", tiny_bert, "--encoder_position_embedding_type", "t5",
+        "--decoder_position_embedding_type", "alibi", "--train_file", train, "--validation_file", valid,
+        "--test_file", test, "--length_bins", "3", "--max_target_length", "8", "--test_max_target_length", "8",
+        "--do_train", "--do_eval", "--do_predict", "--predict_with_generate",
+        *common_args(out, max_steps=200, lr=3e-3),
+    ])
+    assert_loss_went_down(out, factor=0.5)
+    assert results["eval_bleu"] > 30.0, results
+    assert set(results["test_by_source_length"]) == {"<=3", ">3"}
+    assert (out / "test_predictions.jsonl").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["decoder"]["model_type"] == "relpos_bert" and config["decoder"]["is_decoder"]
+
+
+@pytest.mark.slow
 def test_run_qa_finds_word_after_marker(tmp_path, tiny_bert):
     """The answer is the word right after `key` in the context: a span that only positions can locate."""
     rng = random.Random(0)

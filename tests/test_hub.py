@@ -38,7 +38,8 @@ GPT_CODE = {
 }
 TOKENIZER = {"tokenizer.json", "tokenizer_config.json"}
 BERT_AUTO = {"AutoConfig", "AutoModel", "AutoModelForMaskedLM", "AutoModelForSequenceClassification",
-             "AutoModelForTokenClassification", "AutoModelForQuestionAnswering", "AutoModelForMultipleChoice"}
+             "AutoModelForTokenClassification", "AutoModelForQuestionAnswering", "AutoModelForMultipleChoice",
+             "AutoModelForCausalLM"}
 
 
 def minilm_tokenizer_dir() -> str:

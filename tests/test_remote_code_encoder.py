@@ -27,6 +27,7 @@ AUTO_MAP_KEYS = {
     "AutoConfig",
     "AutoModel",
     "AutoModelForMaskedLM",
+    "AutoModelForCausalLM",
     "AutoModelForSequenceClassification",
     "AutoModelForTokenClassification",
     "AutoModelForQuestionAnswering",
