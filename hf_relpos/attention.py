@@ -346,9 +346,10 @@ def bias_needs_grad(encoding: PositionEncoding) -> bool:
 def blocked_training(config, encoding: PositionEncoding, device: torch.device) -> bool:
     """Whether sdpa runs `QueryBlockedAttention`: a bias that needs a gradient on CPU, where torch's sdpa gives a
     bias a gradient only on its `[q_len, k_len]` math path. A bias without one stays on torch's fused kernel as a
-    float mask (a `[batch, heads, q_len, k_len]` tensor, shared by the layers)."""
+    float mask (a `[batch, heads, q_len, k_len]` tensor, shared by the layers). Under `torch.compile` the dense
+    bias goes to sdpa as well: inductor fuses the bias, scale, mask and softmax passes forward and backward."""
     return (config._attn_implementation == "sdpa" and encoding.has_bias and device.type == "cpu"
-            and bias_needs_grad(encoding))
+            and bias_needs_grad(encoding) and not torch.compiler.is_compiling())
 
 
 def dense_bias(
