@@ -218,7 +218,8 @@ def xtransformers_train_step(model, input_ids: torch.Tensor) -> Callable[[], Non
 
 def bench_train(lengths: list[int], reps: dict[int, int], eager_max_len: int | None = None,
                 encodings: list[str] | None = None, kernels: tuple[str, ...] = ("sdpa", "eager"),
-                compiled: bool = False, peers: bool = False) -> dict:
+                compiled: bool = False, peers: bool = False, anchors: tuple[str, ...] = tuple(ANCHOR_OF.values()),
+                ) -> dict:
     """Forward+backward per (model, kernel) at each length: median seconds, peak bytes, ratios. The relpos `eager`
     rows are left out above `eager_max_len` (transformers' BertModel is always measured with both kernels).
     `compiled` adds `torch.compile(model)` rows (sdpa; BertModel's too), their first step's seconds (compilation)
@@ -229,7 +230,7 @@ def bench_train(lengths: list[int], reps: dict[int, int], eager_max_len: int | N
         torch.manual_seed(0)
         input_ids = torch.randint(5, VOCAB, (1, length))
         rows, steps = {}, {}
-        for name in ("BertModel:sdpa", "BertModel:eager", *ANCHOR_OF.values()):
+        for name in ("BertModel:sdpa", "BertModel:eager", *anchors):
             try:
                 model, kernel = anchor_model(name, length)
                 rows[name] = {"model": name.split(":")[0], "kernel": kernel, "encoding": "absolute" if "Bert" in name
@@ -586,6 +587,10 @@ def main(argv=None) -> None:
     parser.add_argument("--peers", action="store_true",
                         help="train section: add x-transformers' Encoder for absolute, rope, alibi and t5 "
                         "(pip install -e .[bench])")
+    parser.add_argument("--anchors", type=lambda text: tuple(filter(None, text.split(","))),
+                        default=tuple(ANCHOR_OF.values()),
+                        help="transformers' models of the same encoding to run beside BertModel, comma-separated "
+                        "('' for none; default all)")
     parser.add_argument("--report", nargs="+", metavar="JSON",
                         help="no measuring: merge these results files (sections of separate runs) into --out, print")
     args = parser.parse_args(argv)
@@ -639,7 +644,7 @@ def main(argv=None) -> None:
         reps = {length: reps.get(length, 3) for length in train_lengths}
     if "train" in sections:
         results["train"] = bench_train(train_lengths, reps, args.eager_max_len, args.encodings,
-                                       tuple(args.kernels.split(",")), args.compiled, args.peers)
+                                       tuple(args.kernels.split(",")), args.compiled, args.peers, args.anchors)
         save()
     if args.encodings:
         gen_encodings = args.encodings
