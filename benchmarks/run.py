@@ -7,6 +7,8 @@ Sections (see benchmarks/README.md and docs/PERFORMANCE.md for the method):
 1. ``train``: forward+backward time and peak memory of ``RelPosBertModel`` per encoding (``sdpa`` and ``eager``)
    and of transformers' ``BertModel`` (sdpa and eager), ``T5EncoderModel``, ``DebertaV2Model``, ``RoFormerModel``,
    ``BloomModel`` of the same size; every time is a ratio to the faster ``BertModel``, measured paired (below).
+   ``--compiled`` adds ``torch.compile(model)`` rows (``compiled``: sdpa under inductor, BertModel's too);
+   ``--peers`` adds lucidrains' x-transformers ``Encoder`` (absolute, rope, alibi, t5; the ``bench`` extra).
 2. ``generation``: greedy tokens/s with the KV cache, ``RelPosGPTForCausalLM`` per encoding vs ``GPT2LMHeadModel``.
 3. ``memory``: inference (no_grad) peak memory versus length on the ``flex_attention`` path (alibi, relative_key)
    next to ``sdpa`` with its dense bias; flex compilation is excluded (one warm-up per shape).
@@ -64,6 +66,11 @@ CONTENT_ENCODINGS = ("relative_key", "relative_key_query", "deberta")
 GENERATION_TARGET, TIME_TARGET, CONTENT_TIME_TARGET = 0.95, 1.10, 1.25
 # Llama section: the same widths with two key/value heads (GQA); targets of the Llama issue.
 LLAMA_KV_HEADS, LLAMA_TRAIN_TARGET, LLAMA_TIMED_ENCODINGS = 2, 1.05, ("rope", "alibi")
+# Compiled training (`torch.compile` over sdpa) at the longest length, issue 19.
+COMPILED_TIME_TARGET, COMPILED_CONTENT_TIME_TARGET = 1.3, 1.6
+# x-transformers (lucidrains) `Encoder` flags per encoding: the optional peer (`pip install .[bench]`).
+XTRANSFORMERS_ENCODINGS = {"absolute": {}, "rope": {"rotary_pos_emb": True}, "alibi": {"alibi_pos_bias": True},
+                           "t5": {"rel_pos_bias": True}}
 MiB = 2**20
 
 
@@ -178,6 +185,18 @@ def anchor_model(name: str, max_len: int):
     return cls._from_config(config, attn_implementation=kernel), kernel
 
 
+def xtransformers_encoder(encoding: str, max_len: int):
+    """x-transformers' `TransformerWrapper(Encoder)` of the same size: flash (torch's sdpa) wherever the encoding
+    allows it (its T5 bias does not), learned absolute positions only for `absolute`."""
+    from x_transformers import Encoder, TransformerWrapper
+
+    flags = XTRANSFORMERS_ENCODINGS[encoding]
+    layers = Encoder(dim=HIDDEN, depth=LAYERS, heads=HEADS, attn_dim_head=HIDDEN // HEADS, ff_mult=FFN // HIDDEN,
+                     attn_flash="rel_pos_bias" not in flags, **flags)
+    return TransformerWrapper(num_tokens=VOCAB, max_seq_len=max_len, attn_layers=layers,
+                              use_abs_pos_emb=encoding == "absolute")
+
+
 def train_step(model, input_ids: torch.Tensor) -> Callable[[], None]:
     def step():
         for parameter in model.parameters():
@@ -187,19 +206,31 @@ def train_step(model, input_ids: torch.Tensor) -> Callable[[], None]:
     return step
 
 
+def xtransformers_train_step(model, input_ids: torch.Tensor) -> Callable[[], None]:
+    def step():
+        for parameter in model.parameters():
+            parameter.grad = None
+        model(input_ids, return_embeddings=True).float().pow(2).mean().backward()
+    return step
+
+
 # --------------------------------------------------------------------------------------------------- sections
 
 def bench_train(lengths: list[int], reps: dict[int, int], eager_max_len: int | None = None,
-                encodings: list[str] | None = None) -> dict:
+                encodings: list[str] | None = None, kernels: tuple[str, ...] = ("sdpa", "eager"),
+                compiled: bool = False, peers: bool = False, anchors: tuple[str, ...] = tuple(ANCHOR_OF.values()),
+                ) -> dict:
     """Forward+backward per (model, kernel) at each length: median seconds, peak bytes, ratios. The relpos `eager`
-    rows are left out above `eager_max_len` (transformers' BertModel is always measured with both kernels)."""
+    rows are left out above `eager_max_len` (transformers' BertModel is always measured with both kernels).
+    `compiled` adds `torch.compile(model)` rows (sdpa; BertModel's too), their first step's seconds (compilation)
+    recorded; `peers` adds x-transformers' encoder for the encodings it shares (`XTRANSFORMERS_ENCODINGS`)."""
     encodings = encodings or list(POSITION_ENCODINGS)
     results = {}
     for length in lengths:
         torch.manual_seed(0)
         input_ids = torch.randint(5, VOCAB, (1, length))
         rows, steps = {}, {}
-        for name in ("BertModel:sdpa", "BertModel:eager", *ANCHOR_OF.values()):
+        for name in ("BertModel:sdpa", "BertModel:eager", *anchors):
             try:
                 model, kernel = anchor_model(name, length)
                 rows[name] = {"model": name.split(":")[0], "kernel": kernel, "encoding": "absolute" if "Bert" in name
@@ -207,8 +238,13 @@ def bench_train(lengths: list[int], reps: dict[int, int], eager_max_len: int | N
                 steps[name] = train_step(model.train(), input_ids)
             except Exception as error:  # noqa: BLE001 - record and go on
                 rows[name] = {"model": name, "error": repr(error)}
+        if compiled:
+            model, _ = anchor_model("BertModel:sdpa", length)
+            rows["BertModel:compiled"] = {"model": "BertModel", "kernel": "compiled", "encoding": "absolute",
+                                          "family": "transformers"}
+            steps["BertModel:compiled"] = train_step(torch.compile(model.train()), input_ids)
         for encoding in encodings:
-            for kernel in ("sdpa", "eager"):
+            for kernel in (*kernels, "compiled") if compiled else kernels:
                 name = f"relpos:{encoding}:{kernel}"
                 if kernel == "eager" and eager_max_len is not None and length > eager_max_len:
                     rows[name] = {"model": "RelPosBertModel", "encoding": encoding, "kernel": kernel,
@@ -217,16 +253,29 @@ def bench_train(lengths: list[int], reps: dict[int, int], eager_max_len: int | N
                 try:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
-                        model = relpos_encoder(encoding, kernel, length)
+                        model = relpos_encoder(encoding, "sdpa" if kernel == "compiled" else kernel, length)
                 except ValueError as error:  # e.g. xpos is decoder-only
                     rows[name] = {"model": "RelPosBertModel", "encoding": encoding, "kernel": kernel,
                                   "skipped": str(error).split("\n")[0]}
                     continue
                 rows[name] = {"model": "RelPosBertModel", "encoding": encoding, "kernel": kernel, "family": "relpos"}
+                if kernel == "compiled":
+                    model = torch.compile(model)
+                    rows[name]["family"] = "relpos-compiled"
                 steps[name] = train_step(model.train(), input_ids)
+            if peers and encoding in XTRANSFORMERS_ENCODINGS:
+                name = f"x-transformers:{encoding}"
+                rows[name] = {"model": "x-transformers", "encoding": encoding, "family": "peer",
+                              "kernel": "eager" if "rel_pos_bias" in XTRANSFORMERS_ENCODINGS[encoding] else "sdpa"}
+                steps[name] = xtransformers_train_step(xtransformers_encoder(encoding, length).train(), input_ids)
         print(f"train L={length}: {len(steps)} configurations; warm-up + peak memory", flush=True)
         for name, step in list(steps.items()):
             try:
+                if rows[name]["kernel"] == "compiled":
+                    start = time.perf_counter()
+                    step()
+                    rows[name]["compile_s"] = round(time.perf_counter() - start, 1)
+                    print(f"  {name}: first step (compilation) {rows[name]['compile_s']} s", flush=True)
                 rows[name]["peak_bytes"] = peak_bytes(step)  # doubles as the warm-up
             except Exception as error:  # noqa: BLE001
                 rows[name]["error"] = repr(error)
@@ -243,8 +292,8 @@ def bench_train(lengths: list[int], reps: dict[int, int], eager_max_len: int | N
             if "ratio_vs_bert_sdpa" not in row:
                 continue
             row["time_ratio"] = row["ratio_vs_bert_sdpa"] / factor
-            same_kernel = f"BertModel:{row['kernel']}"
-            row["mem_ratio"] = row["peak_bytes"] / rows[same_kernel]["peak_bytes"]
+            same_kernel = rows.get(f"BertModel:{row['kernel']}", rows["BertModel:sdpa"])
+            row["mem_ratio"] = row["peak_bytes"] / same_kernel["peak_bytes"]
             anchor = ANCHOR_OF.get(row["encoding"])
             if row["family"] == "relpos" and anchor and "ratio_vs_bert_sdpa" in rows.get(anchor, {}):
                 row["vs_anchor"] = anchor
@@ -401,7 +450,8 @@ def fmt(value, spec=".2f", suffix="x") -> str:
 
 def targets(train: dict, generation: dict | None, memory: dict | None, llama: dict | None = None) -> dict:
     """Each issue target: met or missed, judged on the encoding's faster kernel (sdpa or eager)."""
-    out = {"time": {}, "generation": {}, "flex_memory_linear": {}, "llama_generation": {}, "llama_train": {}}
+    out = {"time": {}, "compiled_time": {}, "ahead_of_x_transformers": {}, "generation": {}, "flex_memory_linear": {},
+           "llama_generation": {}, "llama_train": {}}
     for name, row in (llama or {}).get("rows", {}).items():
         if name in LLAMA_TIMED_ENCODINGS:
             out["llama_generation"][name] = {"ratio": round(row["generation_ratio"], 3), "target": GENERATION_TARGET,
@@ -410,6 +460,11 @@ def targets(train: dict, generation: dict | None, memory: dict | None, llama: di
             out["llama_train"][name] = {"ratio": round(row["train_ratio"], 3), "target": LLAMA_TRAIN_TARGET,
                                         "met": row["train_ratio"] <= LLAMA_TRAIN_TARGET}
     for length, block in train.items():
+        for row in block["rows"].values():
+            if row.get("family") == "relpos-compiled" and "time_ratio" in row:
+                limit = COMPILED_CONTENT_TIME_TARGET if row["encoding"] in CONTENT_ENCODINGS else COMPILED_TIME_TARGET
+                out["compiled_time"].setdefault(row["encoding"], {})[length] = {
+                    "ratio": round(row["time_ratio"], 3), "target": limit, "met": row["time_ratio"] <= limit}
         by_encoding: dict[str, dict] = {}
         for row in block["rows"].values():
             if row.get("family") == "relpos" and "time_ratio" in row:
@@ -421,6 +476,11 @@ def targets(train: dict, generation: dict | None, memory: dict | None, llama: di
             out["time"].setdefault(encoding, {})[length] = {
                 "ratio": round(row["time_ratio"], 3), "kernel": row["kernel"], "target": limit,
                 "met": row["time_ratio"] <= limit}
+            peer = block["rows"].get(f"x-transformers:{encoding}", {})
+            if "time_ratio" in peer:  # relpos's faster kernel over x-transformers' time: below 1 is ahead
+                ratio = row["time_ratio"] / peer["time_ratio"]
+                out["ahead_of_x_transformers"].setdefault(encoding, {})[length] = {
+                    "ratio": round(ratio, 3), "kernel": row["kernel"], "met": ratio < 1.0}
     for name, row in (generation or {}).get("rows", {}).items():
         if name != "GPT2LMHeadModel":
             out["generation"][name] = {"ratio": round(row["ratio"], 3), "target": GENERATION_TARGET,
@@ -438,14 +498,14 @@ def print_report(results: dict) -> None:
     if train:
         print("\n== forward+backward, batch 1: time ratio to the faster BertModel; peak-memory ratio to BertModel of "
               "the same kernel ==")
-        header = f"{'model':<18}{'encoding':<20}{'kernel':<7}"
+        header = f"{'model':<18}{'encoding':<20}{'kernel':<9}"
         for length in lengths:
             header += f"| L={length:<6}time   mem    vs-own "
         print(header)
         names = list(next(iter(train.values()))["rows"])
         for name in names:
             first = train[lengths[0]]["rows"][name]
-            line = f"{first['model']:<18}{first.get('encoding', ''):<20}{first.get('kernel', ''):<7}"
+            line = f"{first['model']:<18}{first.get('encoding', ''):<20}{first.get('kernel', ''):<9}"
             for length in lengths:
                 row = train[length]["rows"][name]
                 if "skipped" in row:
@@ -487,11 +547,11 @@ def print_report(results: dict) -> None:
     print("\n== targets (time: the encoding's faster kernel) ==")
     for kind, entries in results.get("targets", {}).items():
         for name, entry in entries.items():
-            cells = entry.items() if kind == "time" else [("", entry)]
+            cells = entry.items() if kind in ("time", "compiled_time", "ahead_of_x_transformers") else [("", entry)]
             for length, cell in cells:
                 value = cell.get("ratio", cell.get("growth_exponent_last"))
                 where = f" L={length}" if length else ""
-                print(f"{kind:<20}{name:<20}{where:<8}{value:7.3f}  {'met' if cell['met'] else 'MISSED'}")
+                print(f"{kind:<24}{name:<20}{where:<8}{value:7.3f}  {'met' if cell['met'] else 'MISSED'}")
 
 
 def encoding_list(text: str) -> list[str]:
@@ -519,6 +579,18 @@ def main(argv=None) -> None:
                         help="model size of the generation section: the default size, or GPT-2 small's widths")
     parser.add_argument("--encodings", type=encoding_list, default=None,
                         help="comma-separated subset of the encodings (relpos rows only; every anchor still runs)")
+    parser.add_argument("--kernels", default="sdpa,eager",
+                        help="relpos kernels of the train section, comma-separated (default sdpa,eager)")
+    parser.add_argument("--compiled", action="store_true",
+                        help="train section: add torch.compile(model) rows (sdpa) for BertModel and every encoding; "
+                        "each compiles on its first step (minutes on CPU, recorded as compile_s)")
+    parser.add_argument("--peers", action="store_true",
+                        help="train section: add x-transformers' Encoder for absolute, rope, alibi and t5 "
+                        "(pip install -e .[bench])")
+    parser.add_argument("--anchors", type=lambda text: tuple(filter(None, text.split(","))),
+                        default=tuple(ANCHOR_OF.values()),
+                        help="transformers' models of the same encoding to run beside BertModel, comma-separated "
+                        "('' for none; default all)")
     parser.add_argument("--report", nargs="+", metavar="JSON",
                         help="no measuring: merge these results files (sections of separate runs) into --out, print")
     args = parser.parse_args(argv)
@@ -571,7 +643,8 @@ def main(argv=None) -> None:
         train_lengths = args.lengths
         reps = {length: reps.get(length, 3) for length in train_lengths}
     if "train" in sections:
-        results["train"] = bench_train(train_lengths, reps, args.eager_max_len, args.encodings)
+        results["train"] = bench_train(train_lengths, reps, args.eager_max_len, args.encodings,
+                                       tuple(args.kernels.split(",")), args.compiled, args.peers, args.anchors)
         save()
     if args.encodings:
         gen_encodings = args.encodings

@@ -3,7 +3,8 @@
 The models own their projections (BERT's `query/key/value`, GPT-2's `c_attn`) and call `attention_forward`,
 which rotates, updates the cache, asks the encoding for its bias and runs the kernel named by
 `config._attn_implementation`: `eager` (the reference, below), `sdpa` (transformers' `sdpa_attention_forward`,
-which folds `position_bias` into its float mask; when training a bias on CPU, `QueryBlockedAttention` instead),
+which folds `position_bias` into its float mask; when training a bias that needs a gradient on CPU,
+`QueryBlockedAttention` instead),
 `flex_attention` (the encoding's `score_mod`, no dense bias) or any other registered kernel that can serve the
 encoding.
 """
@@ -333,12 +334,22 @@ def block_dropout(probabilities: torch.Tensor, dropout: float, seed: int, rows: 
 BIAS_KERNELS = ("eager", "sdpa", "flex_attention")
 
 
+def bias_needs_grad(encoding: PositionEncoding) -> bool:
+    """Whether this step differentiates the encoding's bias: under autograd, when the bias reads each layer's
+    queries and keys (`content_bias`) or a parameter that requires a gradient. ALiBi, frozen tables and inference
+    do not."""
+    return torch.is_grad_enabled() and (
+        encoding.content_bias or any(parameter.requires_grad for parameter in encoding.parameters())
+    )
+
+
 def blocked_training(config, encoding: PositionEncoding, device: torch.device) -> bool:
-    """Whether sdpa runs `QueryBlockedAttention`: a bias encoding under autograd on CPU, where torch's sdpa gives a
-    bias no gradient without its `[q_len, k_len]` math path, and its fused backward with any float mask is several
-    times slower than without one."""
+    """Whether sdpa runs `QueryBlockedAttention`: a bias that needs a gradient on CPU, where torch's sdpa gives a
+    bias a gradient only on its `[q_len, k_len]` math path. A bias without one stays on torch's fused kernel as a
+    float mask (a `[batch, heads, q_len, k_len]` tensor, shared by the layers). Under `torch.compile` the dense
+    bias goes to sdpa as well: inductor fuses the bias, scale, mask and softmax passes forward and backward."""
     return (config._attn_implementation == "sdpa" and encoding.has_bias and device.type == "cpu"
-            and torch.is_grad_enabled())
+            and bias_needs_grad(encoding) and not torch.compiler.is_compiling())
 
 
 def dense_bias(

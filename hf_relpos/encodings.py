@@ -781,6 +781,17 @@ def gather_relative_keys(scores: torch.Tensor, index: torch.Tensor) -> torch.Ten
     return scores.transpose(-1, -2).expand(index.shape[0], -1, -1, -1).gather(-2, index)
 
 
+def key_pair_scores(key: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`out[b, h, i, j] = key[b, h, j] . rows[index[b, i, j], h]`, for few queries (a decode step): the table rows
+    of the pairs present are copied whole (`index_select`, several times faster than advanced indexing here) and
+    multiplied with their keys. `key` `[batch, heads, k_len, d]`, `rows` `[n, d]` (shared by the heads) or
+    `[n, heads, d]`, `index` `[batch, q_len, k_len]`. Returns `[batch, heads, q_len, k_len]`."""
+    pairs = rows.index_select(0, index.reshape(-1)).view(*index.shape, *rows.shape[1:])
+    if rows.dim() == 2:
+        return (key[:, :, None] * pairs[:, None]).sum(-1)
+    return (key.transpose(1, 2)[:, None] * pairs).sum(-1).permute(0, 3, 1, 2)
+
+
 class RelativeKeyEncoding(PositionEncoding):
     """Shaw et al. 2018 / Huang et al. 2020 (method 3): `b(i, j) = q_i . r_clip(j - i, k) / sqrt(d)` with a learned
     `r` of `2k + 1` rows of `head_dim` per layer, `k = max_relative_positions`."""
@@ -844,7 +855,7 @@ class RelativeKeyEncoding(PositionEncoding):
             # every row, O(k_len (2k + 1) d).
             table, scale, index = table.to(query.dtype), self.scaling(query.shape[-1]), self.relative_index(state)
             bias = gather_relative(torch.matmul(query, table.T) * scale, index)
-            return bias + torch.einsum("bhkd,bqkd->bhqk", key, table[index]) * scale
+            return bias + key_pair_scores(key, table, index) * scale
         return self.bias_rows(self.bias_tables(query, key, state, layer_idx), state)
 
     def score_mod(self, query, key, state, layer_idx):
@@ -1080,7 +1091,8 @@ class DisentangledEncoding(PositionEncoding):
             if pos_key is not None:
                 bias = gather_relative(torch.matmul(query, pos_key.transpose(-1, -2)) * scale, index)
             if pos_query is not None:
-                bias = bias + torch.einsum("bhkd,bhqkd->bhqk", key, pos_query[:, index].transpose(0, 1)) * scale
+                # `pos_query` is a view of the `[2 span, heads, d]` projection: its rows are contiguous there.
+                bias = bias + key_pair_scores(key, pos_query.transpose(0, 1), index) * scale
             return bias
         return self.bias_rows(self.bias_tables(query, key, state, layer_idx), state)
 

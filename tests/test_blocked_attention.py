@@ -224,7 +224,7 @@ def test_decoder_sdpa_training_step_equals_eager_in_loss_and_gradients(seed, nam
 
 
 def test_sdpa_training_on_cpu_reads_a_dense_bias_only_when_one_block_holds_every_query():
-    config = tiny_bert_config(position_embedding_type="alibi")
+    config = tiny_bert_config(position_embedding_type="t5")
     config._attn_implementation = "sdpa"
     encoding = build_position_encoding(config, causal=False)
     short, long = torch.arange(LENGTH)[None], torch.arange(LONG).expand(2, -1)
@@ -232,6 +232,9 @@ def test_sdpa_training_on_cpu_reads_a_dense_bias_only_when_one_block_holds_every
     assert dense_bias(config, encoding, short, short)
     with torch.no_grad():
         assert dense_bias(config, encoding, long, long)
+    encoding.requires_grad_(False)  # a frozen table: the bias is a constant, torch's fused kernel takes it
+    assert dense_bias(config, encoding, long, long)
+    encoding.requires_grad_(True)
     assert dense_bias(config, encoding, long.to("meta"), long.to("meta"))  # not CPU: sdpa's own kernels
     config._attn_implementation = "eager"
     assert dense_bias(config, encoding, long, long)
@@ -258,3 +261,47 @@ def test_gradient_checkpointing_through_several_blocks_gives_the_same_gradients(
     assert plain.keys() == checkpointed.keys()
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def autograd_nodes(output: torch.Tensor) -> set[str]:
+    """Names of every backward node that `output` depends on."""
+    names, stack, seen = set(), [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def frozen(model):
+    """`model` with its position encoding's parameters frozen (ALiBi has none)."""
+    model.position_encoding.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("name", ["alibi", "t5"])
+def test_sdpa_training_of_a_bias_without_a_gradient_runs_torchs_fused_kernel_and_equals_eager(seed, name):
+    # ALiBi has no parameters; a frozen T5 table gets no gradient: the bias is a constant float mask.
+    config = tiny_bert_config(position_embedding_type=name)
+    eager = frozen(RelPosBertModel._from_config(config, attn_implementation="eager").train())
+    sdpa = frozen(RelPosBertModel._from_config(config, attn_implementation="sdpa").train())
+    sdpa.load_state_dict(eager.state_dict())
+    input_ids = torch.randint(1, 99, (2, LONG))
+    attention_mask = torch.ones(2, LONG, dtype=torch.long)
+    attention_mask[0, :5] = 0
+    losses = []
+    for model in (eager, sdpa):
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        loss = (hidden * attention_mask[..., None]).pow(2).mean()
+        loss.backward()
+        losses.append(loss)
+    nodes = autograd_nodes(losses[1])
+    assert "ScaledDotProductFlashAttentionForCpuBackward0" in nodes
+    assert "QueryBlockedAttentionBackward" not in nodes
+    torch.testing.assert_close(losses[1], losses[0])
+    for (parameter_name, want), got in zip(eager.named_parameters(), sdpa.parameters(), strict=True):
+        if want.requires_grad:
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=parameter_name)
