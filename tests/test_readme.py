@@ -39,17 +39,19 @@ def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
-def test_quickstart_has_the_encoder_the_remote_code_and_the_decoder_snippets():
+def test_quickstart_has_the_encoder_the_remote_code_the_decoder_and_the_seq2seq_snippets():
     blocks = quickstart_blocks()
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     assert "save_pretrained" in blocks[0] and "trust_remote_code=True" in blocks[1] and "generate(" in blocks[2]
+    assert "load_seq2seq" in blocks[3]
 
 
 @pytest.mark.slow
 def test_quickstart_snippets_run_as_written(tmp_path):
-    save, load_anywhere, decoder = quickstart_blocks()
-    for code in (save, BLOCK_HF_RELPOS + load_anywhere, decoder):
+    save, load_anywhere, decoder, seq2seq = quickstart_blocks()
+    for code in (save, BLOCK_HF_RELPOS + load_anywhere, decoder, seq2seq):
         result = run_python(code, tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "my-alibi-model" / "model.safetensors").exists()
     assert (tmp_path / "my-alibi-model" / "tokenizer.json").exists()
+    assert (tmp_path / "bert2bert-alibi" / "model.safetensors").exists()
