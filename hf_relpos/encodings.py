@@ -5,7 +5,8 @@ encoding (where BERT keeps `embeddings.position_embeddings`, where GPT-2 keeps `
 
 - `embed(inputs_embeds, position_ids)`: absolute schemes add to the token embeddings.
 - `prepare(query_positions, key_positions, dtype, dense)`: once per forward, the tables every layer shares
-  (cos/sin, a bias); `[q_len, k_len]` tables only when `dense` (eager/sdpa kernels), never for flex.
+  (cos/sin, a bias); `[q_len, k_len]` tables only when `dense` (eager/sdpa kernels), never for flex. Under
+  gradient checkpointing the model drops the tables that carry autograd history, and the hooks rebuild them.
 - `rotate(query, key, state)`: rotary schemes rotate queries and the *new* keys (before they are cached).
 - `bias(query, key, state, layer_idx)`: a dense additive score bias broadcastable to `[batch, heads, q_len, k_len]`.
 - `score_mod(query, key, state, layer_idx)`: the same bias as a flex-attention `score_mod`, which never builds
@@ -536,7 +537,10 @@ class StaticBiasEncoding(PositionEncoding):
     def bias(
         self, query: torch.Tensor, key: torch.Tensor, state: PositionState, layer_idx: int
     ) -> torch.Tensor | None:
-        return state.tables["bias"]
+        if "bias" in state.tables:
+            return state.tables["bias"]
+        # A learned bias under gradient checkpointing: each layer builds its own (see `position_state`).
+        return self.bias_rows(self.bias_tables(query, key, state, layer_idx), state).to(state.dtype)
 
     def parameter_tables(self) -> tuple[torch.Tensor, ...]:
         """The parameters `distance_bias` reads (passed explicitly so a blocked kernel can differentiate them)."""
