@@ -139,3 +139,41 @@ def test_hidden_states_and_attentions_are_off_by_default_as_in_transformers():
         with torch.no_grad():
             assert structure(ours(ids, attention_mask=mask, return_dict=False)) == \
                 structure(theirs(ids, attention_mask=mask, return_dict=False))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.export and fullgraph torch.compile: no host read of the data in forward
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def eager_and_graph_inputs(family: str) -> tuple[dict, dict]:
+    """Inputs of the eager reference and of the graph: a padded batch, and another of the same shapes."""
+    ids, mask = padded_batch()
+    other_ids = torch.randint(3, 99, ids.shape, generator=torch.Generator().manual_seed(7))
+    other_mask = torch.ones_like(mask)
+    other_mask[0, :5] = 0
+    extra = {"use_cache": False} if family == "decoder" else {}
+    return dict(input_ids=ids, attention_mask=mask, **extra), dict(input_ids=other_ids, attention_mask=other_mask,
+                                                                   **extra)
+
+
+@pytest.mark.parametrize(("family", "name"), FAMILIES)
+def test_exported_program_gives_the_eager_outputs(family, name):
+    model = tiny_model(family, name).eval()
+    inputs, other = eager_and_graph_inputs(family)
+    exported = torch.export.export(model, (), inputs).module()
+    with torch.no_grad():
+        for batch in (inputs, other):
+            torch.testing.assert_close(exported(**batch)[0], model(**batch).last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "name"), FAMILIES)
+def test_fullgraph_compile_gives_the_eager_outputs(family, name):
+    model = tiny_model(family, name).eval()
+    inputs, other = eager_and_graph_inputs(family)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        for batch in (inputs, other):
+            torch.testing.assert_close(compiled(**batch)[0], model(**batch).last_hidden_state, atol=1e-5, rtol=1e-5)
