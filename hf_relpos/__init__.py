@@ -16,7 +16,13 @@ from transformers import (
 )
 
 from .adapt import adapt  # binds `hf_relpos.adapt` to the function (the module stays `hf_relpos.adapt` in imports)
-from .configuration_relpos import RelPosBertConfig, RelPosEncoderDecoderConfig, RelPosGPTConfig, RelPosLlamaConfig
+from .configuration_relpos import (
+    HF_RELPOS_VERSION,
+    RelPosBertConfig,
+    RelPosEncoderDecoderConfig,
+    RelPosGPTConfig,
+    RelPosLlamaConfig,
+)
 from .encodings import POSITION_ENCODINGS, PositionEncoding, PositionState
 from .modeling_relpos_bert import (
     RelPosBertForCausalLM,
@@ -43,7 +49,7 @@ from .modeling_relpos_llama import (
 )
 
 
-__version__ = "0.1.0"
+__version__ = HF_RELPOS_VERSION
 
 AUTO_CLASSES = {
     RelPosBertConfig: {

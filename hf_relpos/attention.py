@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
@@ -366,6 +367,23 @@ def dense_bias(
     return True
 
 
+def position_state(
+    config, encoding: PositionEncoding, query_positions: torch.Tensor, key_positions: torch.Tensor,
+    dtype: torch.dtype, checkpointing: bool = False,
+) -> PositionState:
+    """What `encoding` prepares once per forward for every layer (`prepare`, dense or not for the kernel).
+
+    With `checkpointing` (layers under gradient checkpointing), tables that carry autograd history (a learned bias)
+    are left for each layer to build inside its checkpointed region: a reentrant replay runs backward through what
+    the layer read, and a graph shared by all layers can be run backward only once.
+    """
+    state = encoding.prepare(query_positions, key_positions, dtype,
+                             dense=dense_bias(config, encoding, query_positions, key_positions))
+    if checkpointing:
+        state.tables = {name: table for name, table in state.tables.items() if not table.requires_grad}
+    return state
+
+
 def query_blocked_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -481,6 +499,13 @@ class RelPosPreTrainedModel(PreTrainedModel):
         # Masks are built for the kernel that will run: a kernel the encoding cannot use is replaced up front.
         implementation = super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
         return resolve_kernel(implementation, get_encoding_class(self.config.position_embedding_type))
+
+    def checkpointing_layers(self) -> bool:
+        """Whether this forward runs its layers under gradient checkpointing (training, with autograd)."""
+        return self.training and torch.is_grad_enabled() and any(
+            isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing
+            for module in self.modules()
+        )
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

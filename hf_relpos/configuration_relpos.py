@@ -4,8 +4,10 @@ All share the position fields of `RelPosConfigMixin`, validated when the config 
 fails with a `ValueError` naming the field before any model exists.
 """
 
+import re
 from typing import ClassVar
 
+import transformers
 from transformers import EncoderDecoderConfig, PreTrainedConfig
 from transformers.utils import logging
 
@@ -13,6 +15,31 @@ from .encodings import get_encoding_class
 
 
 logger = logging.get_logger(__name__)
+
+# The one place that states this code's version and the transformers releases it is tested with (`make test` runs
+# the newest, `make test-oldest` the oldest; setup.cfg states the same), carried by saved folders as remote code.
+HF_RELPOS_VERSION = "0.1.0"
+TESTED_TRANSFORMERS = ("5.21.0", "6")
+
+
+def release(version: str) -> tuple[int, ...]:
+    """The release numbers of a version string: `"5.24.0.dev0"` -> `(5, 24, 0)`."""
+    return tuple(int(number) for number in re.match(r"\d+(?:\.\d+)*", version).group().split("."))
+
+
+def warn_if_transformers_untested() -> None:
+    """Log once when the installed transformers is outside `TESTED_TRANSFORMERS` (remote code runs on whatever
+    release its user has). Each saved folder's code is imported as modules of its own: one logger, whatever module
+    name, keeps it to one warning per process."""
+    oldest, below = TESTED_TRANSFORMERS
+    if not release(oldest) <= release(transformers.__version__) < release(below):
+        logging.get_logger("hf_relpos").warning_once(
+            f"hf_relpos {HF_RELPOS_VERSION} was tested with transformers >={oldest},<{below}; transformers "
+            f"{transformers.__version__} is installed, so this model may fail or give other outputs."
+        )
+
+
+warn_if_transformers_untested()
 
 
 def _check_positive(config, *names: str, allow_zero: bool = False) -> None:
@@ -93,6 +120,10 @@ class RelPosPretrainedConfig(PreTrainedConfig):
         }
         self.auto_map = {**self.family_auto_map, **saved}
         self.validate_position_encoding()
+
+    def to_dict(self) -> dict:
+        # Like `transformers_version`: the version of the code that writes the config, whatever it was loaded from.
+        return {**super().to_dict(), "hf_relpos_version": HF_RELPOS_VERSION}
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):

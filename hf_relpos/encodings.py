@@ -5,7 +5,8 @@ encoding (where BERT keeps `embeddings.position_embeddings`, where GPT-2 keeps `
 
 - `embed(inputs_embeds, position_ids)`: absolute schemes add to the token embeddings.
 - `prepare(query_positions, key_positions, dtype, dense)`: once per forward, the tables every layer shares
-  (cos/sin, a bias); `[q_len, k_len]` tables only when `dense` (eager/sdpa kernels), never for flex.
+  (cos/sin, a bias); `[q_len, k_len]` tables only when `dense` (eager/sdpa kernels), never for flex. Under
+  gradient checkpointing the model drops the tables that carry autograd history, and the hooks rebuild them.
 - `rotate(query, key, state)`: rotary schemes rotate queries and the *new* keys (before they are cached).
 - `bias(query, key, state, layer_idx)`: a dense additive score bias broadcastable to `[batch, heads, q_len, k_len]`.
 - `score_mod(query, key, state, layer_idx)`: the same bias as a flex-attention `score_mod`, which never builds
@@ -252,7 +253,11 @@ class AbsolutePositionEncoding(PositionEncoding):
         self.offset = config.position_offset
 
     def embed(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Eager mode checks that every position is in the table (a clear error instead of an index error); a
+        compiled or exported graph skips the check, which reads the positions on the host."""
         positions = position_ids + self.offset
+        if torch.compiler.is_compiling():
+            return inputs_embeds + nn.functional.embedding(positions, self.weight)
         if positions.numel() and int(positions.min()) < 0:
             raise ValueError(
                 f"position_ids must be >= 0 for position_embedding_type='absolute', got {int(position_ids.min())}."
@@ -529,14 +534,30 @@ class StaticBiasEncoding(PositionEncoding):
     def prepare(self, query_positions, key_positions, dtype, dense=True) -> PositionState:
         state = PositionState(query_positions, key_positions, dtype=dtype, dense=dense)
         if dense:
-            # Built in fp32 (distances of thousands of tokens), cast once for the kernel.
-            state.tables["bias"] = self.bias_rows(self.bias_tables(None, None, state, 0), state).to(dtype)
+            state.tables["bias"] = self.dense_bias(state)
         return state
 
     def bias(
         self, query: torch.Tensor, key: torch.Tensor, state: PositionState, layer_idx: int
     ) -> torch.Tensor | None:
-        return state.tables["bias"]
+        if "bias" in state.tables:
+            return state.tables["bias"]
+        # A learned bias under gradient checkpointing: each layer builds its own (see `position_state`).
+        return self.dense_bias(state)
+
+    def dense_bias(self, state: PositionState) -> torch.Tensor:
+        """The bias `[batch or 1, heads, q_len, k_len]`, built in fp32 (distances of thousands of tokens) and cast
+        once for the kernel. Eager mode reads a `[heads, 2D + 1]` table of the distances present, whose size `D`
+        is read from the positions on the host; a compiled or exported graph evaluates every pair instead
+        (`pair_bias`), so its shapes do not depend on the data."""
+        if torch.compiler.is_compiling():
+            return self.pair_bias(state, self.parameter_tables()).to(state.dtype)
+        return self.bias_rows(self.bias_tables(None, None, state, 0), state).to(state.dtype)
+
+    def pair_bias(self, state: PositionState, tables: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """`distance_bias` at the distance of every pair: `[batch, heads, q_len, k_len]`."""
+        distance = relative_distance(state).float()
+        return self.distance_bias(distance.flatten(), tables).unflatten(-1, distance.shape).transpose(0, 1)
 
     def parameter_tables(self) -> tuple[torch.Tensor, ...]:
         """The parameters `distance_bias` reads (passed explicitly so a blocked kernel can differentiate them)."""
@@ -730,6 +751,11 @@ class FireEncoding(StaticBiasEncoding):
         # Queries before the threshold share the normaliser psi(L): their bias is a function of the distance alone.
         c, threshold = tables[0].abs(), tables[1].abs()
         return self.f((torch.log1p(c * distance.abs()) / torch.log1p(c * threshold))[:, None], tables).T
+
+    def pair_bias(self, state, tables):
+        # Each query's own normaliser psi(max(L, i)), without the eager table's split at the threshold.
+        x = self.normalized_distance(state.query_positions[:, :, None], state.key_positions[:, None, :], *tables[:2])
+        return self.f(x[..., None], tables).permute(0, 3, 1, 2)
 
     def bias_rows(self, tables, state, rows=slice(None)):
         parameters = tables[1:]
@@ -1012,6 +1038,9 @@ class DisentangledEncoding(PositionEncoding):
         `i - j` alone: each distinct distance is bucketed once, then every pair looks its row up."""
         if "index" in state.tables:
             return state.tables["index"][:, rows]
+        if torch.compiler.is_compiling():
+            # The eager lookup table's size is read from the positions on the host: a graph buckets every pair.
+            return self.distance_index(state.query_positions[:, rows, None], state.key_positions[:, None, :])
         relative = state.query_positions[:, rows, None] - state.key_positions[:, None, :]
         reach = int(relative.abs().max())
         distances = torch.arange(-reach, reach + 1, device=relative.device)
@@ -1040,12 +1069,14 @@ class DisentangledEncoding(PositionEncoding):
         parameters they come from hold the same values: a decode step would otherwise project the whole table in
         every layer (3.5x slower decoding at hidden 768, 256 buckets). The values are compared with a copy kept with
         them, because an in-place write through `.data` changes neither a parameter's `_version` nor its `data_ptr`.
+        A compiled graph computes them.
         """
+        keep = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         modules = self.projection_modules(layer_idx)
         norm = () if self.LayerNorm is None else tuple(self.LayerNorm.parameters())
         parameters = [self.rel_embeddings.weight, *norm,
                       *(p for module in modules if module is not None for p in module.parameters())]
-        if not torch.is_grad_enabled():
+        if keep:
             kept = self._projections.get(layer_idx)
             if kept is not None and kept[0] == dtype and all(map(same_values, kept[1], parameters)):
                 return kept[2]
@@ -1054,7 +1085,7 @@ class DisentangledEncoding(PositionEncoding):
         heads = (2 * self.span, self.num_heads, self.head_dim)
         projections = tuple(None if module is None else module(relative).view(heads).transpose(0, 1)
                             for module in modules)
-        if not torch.is_grad_enabled():
+        if keep:
             self._projections[layer_idx] = (dtype, [p.detach().clone() for p in parameters], projections)
         return projections
 

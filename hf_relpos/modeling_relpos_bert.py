@@ -33,7 +33,8 @@ from transformers.models.bert.modeling_bert import (
     BertOutput,
     BertSelfOutput,
 )
-from transformers.utils import logging
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -44,7 +45,7 @@ from .attention import (
     cache_argument,
     check_attention_mask,
     check_inputs,
-    dense_bias,
+    position_state,
     token_positions,
 )
 from .configuration_relpos import RelPosBertConfig
@@ -265,7 +266,7 @@ class RelPosBertModel(RelPosBertPreTrainedModel):
         encoder_attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPoolingAndCrossAttentions:
         """`attention_mask` `[batch, past + len]` (1 = token, 0 = padding); positions count real tokens only, so
         padding on either side leaves every real token's output unchanged. As a decoder (`config.is_decoder`):
@@ -302,8 +303,10 @@ class RelPosBertModel(RelPosBertPreTrainedModel):
                 config=self.config, inputs_embeds=hidden_states, attention_mask=encoder_attention_mask,
                 encoder_hidden_states=encoder_hidden_states,
             )
-        dense = dense_bias(self.config, self.position_encoding, query_positions, key_positions)
-        state = self.position_encoding.prepare(query_positions, key_positions, hidden_states.dtype, dense=dense)
+        state = position_state(
+            self.config, self.position_encoding, query_positions, key_positions, hidden_states.dtype,
+            self.checkpointing_layers(),
+        )
         hidden_states = self.encoder(
             hidden_states, mask, self.position_encoding, state, cache=cache,
             encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask, **kwargs,
@@ -335,7 +338,8 @@ class RelPosBertForMaskedLM(RelPosBertPreTrainedModel):
 
     @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels: torch.Tensor | None = None, **kwargs) -> MaskedLMOutput:
+                inputs_embeds=None, labels: torch.Tensor | None = None,
+                **kwargs: Unpack[TransformersKwargs]) -> MaskedLMOutput:
         outputs = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                             position_ids=position_ids, inputs_embeds=inputs_embeds, return_dict=True, **kwargs)
         logits = self.cls(outputs.last_hidden_state)
@@ -423,7 +427,8 @@ class RelPosBertForSequenceClassification(RelPosBertPreTrainedModel):
 
     @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels: torch.Tensor | None = None, **kwargs) -> SequenceClassifierOutput:
+                inputs_embeds=None, labels: torch.Tensor | None = None,
+                **kwargs: Unpack[TransformersKwargs]) -> SequenceClassifierOutput:
         outputs = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                             position_ids=position_ids, inputs_embeds=inputs_embeds, return_dict=True, **kwargs)
         logits = self.classifier(self.dropout(outputs.pooler_output))
@@ -446,7 +451,8 @@ class RelPosBertForTokenClassification(RelPosBertPreTrainedModel):
 
     @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels: torch.Tensor | None = None, **kwargs) -> TokenClassifierOutput:
+                inputs_embeds=None, labels: torch.Tensor | None = None,
+                **kwargs: Unpack[TransformersKwargs]) -> TokenClassifierOutput:
         outputs = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                             position_ids=position_ids, inputs_embeds=inputs_embeds, return_dict=True, **kwargs)
         logits = self.classifier(self.dropout(outputs.last_hidden_state))
@@ -468,7 +474,8 @@ class RelPosBertForQuestionAnswering(RelPosBertPreTrainedModel):
     @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, start_positions: torch.Tensor | None = None,
-                end_positions: torch.Tensor | None = None, **kwargs) -> QuestionAnsweringModelOutput:
+                end_positions: torch.Tensor | None = None,
+                **kwargs: Unpack[TransformersKwargs]) -> QuestionAnsweringModelOutput:
         outputs = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                             position_ids=position_ids, inputs_embeds=inputs_embeds, return_dict=True, **kwargs)
         start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).split(1, dim=-1)
@@ -493,7 +500,8 @@ class RelPosBertForMultipleChoice(RelPosBertPreTrainedModel):
 
     @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels: torch.Tensor | None = None, **kwargs) -> MultipleChoiceModelOutput:
+                inputs_embeds=None, labels: torch.Tensor | None = None,
+                **kwargs: Unpack[TransformersKwargs]) -> MultipleChoiceModelOutput:
         """Inputs are `[batch, num_choices, len]`; logits `[batch, num_choices]`."""
         num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
 

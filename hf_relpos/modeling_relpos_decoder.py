@@ -11,7 +11,7 @@ import torch
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 
-from .attention import check_attention_mask, dense_bias, token_positions
+from .attention import check_attention_mask, position_state, token_positions
 from .encodings import PositionEncoding, PositionState
 
 
@@ -31,11 +31,13 @@ def decoder_inputs(
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
     cache: Cache | None,
+    checkpointing: bool = False,
 ) -> DecoderInputs:
     """Positions, causal mask and position state for `inputs_embeds` `[batch, len, hidden]` following the `cache`.
 
     `attention_mask` `[batch, past + len]` (1 = token, 0 = padding) sets the positions of real tokens, so a
     left-padded batch generates as each prompt alone; a static cache's key length comes from `get_mask_sizes`.
+    `checkpointing`: the layers run under gradient checkpointing (see `position_state`).
     """
     batch_size, length = inputs_embeds.shape[:2]
     past_length, key_length = 0, length
@@ -48,6 +50,5 @@ def decoder_inputs(
     )
     # The cache is passed by position: its keyword is `past_key_values` before 5.24 and `cache` from it on.
     mask = create_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids=query_positions)
-    dense = dense_bias(config, encoding, query_positions, key_positions)
-    state = encoding.prepare(query_positions, key_positions, inputs_embeds.dtype, dense=dense)
+    state = position_state(config, encoding, query_positions, key_positions, inputs_embeds.dtype, checkpointing)
     return DecoderInputs(query_positions, mask, state)

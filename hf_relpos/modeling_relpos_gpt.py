@@ -22,8 +22,9 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+from transformers.processing_utils import Unpack
 from transformers.pytorch_utils import Conv1D
-from transformers.utils import logging
+from transformers.utils import TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -200,7 +201,7 @@ class RelPosGPTModel(RelPosGPTPreTrainedModel):
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPastAndCrossAttentions:
         """`attention_mask` `[batch, past + len]` (1 = token, 0 = padding) sets the positions of real tokens, so a
         left-padded batch generates as each prompt alone. The KV cache comes as `cache` or `past_key_values`."""
@@ -212,7 +213,9 @@ class RelPosGPTModel(RelPosGPTPreTrainedModel):
             cache = DynamicCache(config=self.config)
         if use_cache and self.config.add_cross_attention and not isinstance(cache, EncoderDecoderCache):
             cache = EncoderDecoderCache(cache, DynamicCache(config=self.config))
-        inputs = decoder_inputs(self.config, self.wpe, inputs_embeds, attention_mask, position_ids, cache)
+        inputs = decoder_inputs(
+            self.config, self.wpe, inputs_embeds, attention_mask, position_ids, cache, self.checkpointing_layers()
+        )
         hidden_states = self.wpe.embed(inputs_embeds, inputs.query_positions)
         if token_type_ids is not None:
             hidden_states = hidden_states + self.wte(token_type_ids)
@@ -256,7 +259,7 @@ class RelPosGPTForCausalLM(RelPosGPTPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithCrossAttentions:
         """`labels` `[batch, len]` are shifted inside the loss; the loss honours Trainer's `num_items_in_batch`."""
         outputs = self.transformer(
@@ -298,7 +301,7 @@ class RelPosGPTForSequenceClassification(RelPosGPTPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SequenceClassifierOutputWithPast:
         outputs = self.transformer(
             input_ids, cache=cache_argument(cache, kwargs), attention_mask=attention_mask,

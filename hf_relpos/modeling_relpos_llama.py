@@ -137,7 +137,8 @@ class RelPosLlamaModel(RelPosLlamaPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         inputs = decoder_inputs(
-            self.config, self.position_encoding, inputs_embeds, attention_mask, position_ids, cache
+            self.config, self.position_encoding, inputs_embeds, attention_mask, position_ids, cache,
+            self.checkpointing_layers(),
         )
         hidden_states = self.position_encoding.embed(inputs_embeds, inputs.query_positions)
         layer_cache = cache if not (self.gradient_checkpointing and self.training) else None
