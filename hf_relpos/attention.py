@@ -99,6 +99,25 @@ def check_attention_mask(
     )
 
 
+def cached_positions(
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor,
+    cache: Cache | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_positions` for `inputs_embeds` `[batch, len, hidden]` following what `cache` holds (None: no cache),
+    after checking `attention_mask` against it; a static cache's key length comes from `get_mask_sizes`."""
+    batch_size, length = inputs_embeds.shape[:2]
+    past_length, key_length = 0, length
+    if cache is not None:
+        past_length = cache.get_seq_length()
+        key_length, _ = cache.get_mask_sizes(length, 0)
+    check_attention_mask(attention_mask, batch_size, length, past_length, key_length)
+    return token_positions(
+        attention_mask, position_ids, batch_size, length, past_length, key_length, inputs_embeds.device
+    )
+
+
 def check_inputs(
     input_ids: torch.Tensor | None,
     inputs_embeds: torch.Tensor | None,

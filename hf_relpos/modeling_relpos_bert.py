@@ -43,10 +43,9 @@ from .attention import (
     RelPosPreTrainedModel,
     attention_forward,
     cache_argument,
-    check_attention_mask,
+    cached_positions,
     check_inputs,
     position_state,
-    token_positions,
 )
 from .configuration_relpos import RelPosBertConfig
 from .encodings import PositionEncoding, PositionState, build_position_encoding
@@ -281,15 +280,7 @@ class RelPosBertModel(RelPosBertPreTrainedModel):
             cache = DynamicCache(config=self.config)
         if use_cache and self.config.add_cross_attention and not isinstance(cache, EncoderDecoderCache):
             cache = EncoderDecoderCache(cache, DynamicCache(config=self.config))
-        batch_size, length = inputs_embeds.shape[:2]
-        past_length, key_length = 0, length
-        if cache is not None:
-            past_length = cache.get_seq_length()
-            key_length, _ = cache.get_mask_sizes(length, 0)
-        check_attention_mask(attention_mask, batch_size, length, past_length, key_length)
-        query_positions, key_positions = token_positions(
-            attention_mask, position_ids, batch_size, length, past_length, key_length, inputs_embeds.device
-        )
+        query_positions, key_positions = cached_positions(attention_mask, position_ids, inputs_embeds, cache)
         hidden_states = self.embeddings(inputs_embeds, token_type_ids, query_positions)
         if self.config.is_decoder:
             # The cache is passed by position: its keyword is `past_key_values` before 5.24 and `cache` from it on.

@@ -11,7 +11,7 @@ import torch
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 
-from .attention import check_attention_mask, position_state, token_positions
+from .attention import cached_positions, position_state
 from .encodings import PositionEncoding, PositionState
 
 
@@ -39,15 +39,7 @@ def decoder_inputs(
     left-padded batch generates as each prompt alone; a static cache's key length comes from `get_mask_sizes`.
     `checkpointing`: the layers run under gradient checkpointing (see `position_state`).
     """
-    batch_size, length = inputs_embeds.shape[:2]
-    past_length, key_length = 0, length
-    if cache is not None:
-        past_length = cache.get_seq_length()
-        key_length, _ = cache.get_mask_sizes(length, 0)
-    check_attention_mask(attention_mask, batch_size, length, past_length, key_length)
-    query_positions, key_positions = token_positions(
-        attention_mask, position_ids, batch_size, length, past_length, key_length, inputs_embeds.device
-    )
+    query_positions, key_positions = cached_positions(attention_mask, position_ids, inputs_embeds, cache)
     # The cache is passed by position: its keyword is `past_key_values` before 5.24 and `cache` from it on.
     mask = create_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids=query_positions)
     state = position_state(config, encoding, query_positions, key_positions, inputs_embeds.dtype, checkpointing)
