@@ -20,12 +20,14 @@ test: install
 OLDEST_TRANSFORMERS := $(shell sed -n '/^TESTED_TRANSFORMERS = /s/[^"]*"\([^"]*\)".*/\1/p' hf_relpos/configuration_relpos.py)
 OLDEST_VENV = build/venv-oldest
 OLDEST_STAMP = $(OLDEST_VENV)/transformers-$(OLDEST_TRANSFORMERS)
-# Models, generation, remote code (across both releases) and Trainer, without the `slow` end-to-end runs (the
-# newest release runs those): under 10 minutes on 2 cores.
+# Models (BERT encoder and decoder, GPT-2, Llama, seq2seq, the relative families' loaders), generation, remote code
+# (across both releases) and Trainer, without the `slow` end-to-end runs (the newest release runs those): under 10
+# minutes on 2 cores.
 OLDEST_TESTS = tests/test_transformers_releases.py tests/test_remote_code_across_releases.py \
 	tests/test_generation.py tests/test_decoder.py tests/test_encoder.py tests/test_encoder_decoder.py \
 	tests/test_remote_code_decoder.py tests/test_remote_code_encoder.py tests/test_training_features.py \
-	tests/test_like_transformers.py tests/test_llama.py tests/test_remote_code_llama.py
+	tests/test_like_transformers.py tests/test_llama.py tests/test_remote_code_llama.py \
+	tests/test_bert_decoder.py tests/test_seq2seq.py tests/test_relative_families.py
 
 $(OLDEST_STAMP): setup.cfg hf_relpos/configuration_relpos.py
 	rm -rf $(OLDEST_VENV)
