@@ -7,6 +7,7 @@ from transformers import BertConfig, BertLMHeadModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from hf_relpos import POSITION_ENCODINGS, RelPosBertConfig, RelPosBertForCausalLM, RelPosBertModel
+from hf_relpos.attention import CACHE_FIELD
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -75,9 +76,12 @@ def test_absolute_decoder_greedy_generation_equals_bert_lm_head_model():
     model.load_state_dict(reference.state_dict())
     states, mask = encoder_states()
     ids = prompts()
-    # BertLMHeadModel alone cannot build the cross-attention cache: both get one.
-    expected = generate(reference, ids, states, mask, cache=EncoderDecoderCache(DynamicCache(), DynamicCache()))
-    actual = generate(model, ids, states, mask, cache=EncoderDecoderCache(DynamicCache(), DynamicCache()))
+    # BertLMHeadModel alone cannot build the cross-attention cache: both get one, under the release's name for it.
+    def cross_cache() -> dict:
+        return {CACHE_FIELD: EncoderDecoderCache(DynamicCache(), DynamicCache())}
+
+    expected = generate(reference, ids, states, mask, **cross_cache())
+    actual = generate(model, ids, states, mask, **cross_cache())
     assert torch.equal(actual, expected)
 
 
