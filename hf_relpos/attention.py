@@ -11,11 +11,12 @@ encoding.
 
 import functools
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, EncoderDecoderCache
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -77,6 +78,27 @@ def token_positions(
         extra = torch.arange(1, key_length - key_positions.shape[-1] + 1, device=device)
         key_positions = torch.cat((key_positions, key_positions[:, -1:] + extra), dim=-1)
     return query_positions, key_positions
+
+
+def cross_attention_keys_values(
+    cache: Cache | None, layer_idx: int, project: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of the encoder's states `[batch, heads, src_len, head_dim]` for cross-attention: `project()`
+    computes them at the first step of a generation (and without a cache); an `EncoderDecoderCache` keeps them in
+    its cross-attention half and gives them back at every later step."""
+    if not isinstance(cache, EncoderDecoderCache):
+        return project()
+    if cache.is_updated.get(layer_idx):
+        layer = cache.cross_attention_cache.layers[layer_idx]
+        return layer.keys, layer.values
+    key, value = cache.cross_attention_cache.update(*project(), layer_idx)
+    cache.is_updated[layer_idx] = True
+    return key, value
+
+
+def self_attention_cache(cache: Cache | None) -> Cache | None:
+    """The cache of a decoder's self-attention: the self-attention half of an `EncoderDecoderCache`."""
+    return cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
 
 
 def check_attention_mask(

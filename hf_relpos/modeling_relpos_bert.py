@@ -45,7 +45,9 @@ from .attention import (
     cache_argument,
     cached_positions,
     check_inputs,
+    cross_attention_keys_values,
     position_state,
+    self_attention_cache,
 )
 from .configuration_relpos import RelPosBertConfig
 from .encodings import PositionEncoding, PositionState, build_position_encoding
@@ -113,21 +115,6 @@ class RelPosBertSelfAttention(nn.Module):
         """`[batch, len, hidden] -> [batch, heads, len, head_dim]`."""
         return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
 
-    def cross_keys_values(
-        self, encoder_hidden_states: torch.Tensor, cache: EncoderDecoderCache | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the encoder's states `[batch, heads, src_len, head_dim]`: projected at the first step
-        of a generation and read back from the cross-attention cache at every later one."""
-        if cache is not None and cache.is_updated.get(self.layer_idx):
-            layer = cache.cross_attention_cache.layers[self.layer_idx]
-            return layer.keys, layer.values
-        key = self.split_heads(self.key(encoder_hidden_states))
-        value = self.split_heads(self.value(encoder_hidden_states))
-        if cache is not None:
-            key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
-            cache.is_updated[self.layer_idx] = True
-        return key, value
-
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -140,11 +127,15 @@ class RelPosBertSelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         query = self.split_heads(self.query(hidden_states))
         if self.is_cross_attention:
-            key, value = self.cross_keys_values(encoder_hidden_states, cache)
+            key, value = cross_attention_keys_values(
+                cache, self.layer_idx,
+                lambda: (self.split_heads(self.key(encoder_hidden_states)),
+                         self.split_heads(self.value(encoder_hidden_states))),
+            )
             self_cache = None
         else:
             key, value = self.split_heads(self.key(hidden_states)), self.split_heads(self.value(hidden_states))
-            self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+            self_cache = self_attention_cache(cache)
         output, weights = attention_forward(
             self, query, key, value, attention_mask, position_encoding, position_state, cache=self_cache,
             dropout=self.dropout_prob if self.training else 0.0, **kwargs,

@@ -28,7 +28,15 @@ from transformers.utils import TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .attention import CACHE_FIELD, RelPosPreTrainedModel, attention_forward, cache_argument, check_inputs
+from .attention import (
+    CACHE_FIELD,
+    RelPosPreTrainedModel,
+    attention_forward,
+    cache_argument,
+    check_inputs,
+    cross_attention_keys_values,
+    self_attention_cache,
+)
 from .configuration_relpos import RelPosGPTConfig
 from .encodings import PositionEncoding, PositionState, build_position_encoding
 from .modeling_relpos_decoder import decoder_inputs
@@ -79,22 +87,16 @@ class RelPosGPTAttention(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        layer_cache = cache
-        if isinstance(cache, EncoderDecoderCache):
-            layer_cache = cache.cross_attention_cache if self.is_cross_attention else cache.self_attention_cache
         if self.is_cross_attention:
             query = self.split_heads(self.q_attn(hidden_states))
-            if layer_cache is not None and cache.is_updated.get(self.layer_idx):
-                key, value = layer_cache.layers[self.layer_idx].keys, layer_cache.layers[self.layer_idx].values
-            else:
-                key, value = self.c_attn(encoder_hidden_states).split(self.embed_dim, dim=2)
-                key, value = self.split_heads(key), self.split_heads(value)
-                if layer_cache is not None:
-                    key, value = layer_cache.update(key, value, self.layer_idx)
-                    cache.is_updated[self.layer_idx] = True
+            key, value = cross_attention_keys_values(
+                cache, self.layer_idx,
+                lambda: tuple(self.split_heads(x) for x in self.c_attn(encoder_hidden_states).split(self.embed_dim, 2)),
+            )
             layer_cache = None
         else:
             query, key, value = (self.split_heads(x) for x in self.c_attn(hidden_states).split(self.embed_dim, dim=2))
+            layer_cache = self_attention_cache(cache)
         output, weights = attention_forward(
             self, query, key, value, attention_mask, position_encoding, position_state, cache=layer_cache,
             dropout=self.attn_dropout.p if self.training else 0.0, scale=self.scale, **kwargs,
