@@ -55,3 +55,4 @@ def test_quickstart_snippets_run_as_written(tmp_path):
     assert (tmp_path / "my-alibi-model" / "model.safetensors").exists()
     assert (tmp_path / "my-alibi-model" / "tokenizer.json").exists()
     assert (tmp_path / "bert2bert-alibi" / "model.safetensors").exists()
+    assert (tmp_path / "my-alibi-decoder" / "modeling_relpos_gpt.py").exists()
