@@ -66,6 +66,7 @@ logger = logging.getLogger(__name__)
 DECODER_CLASSES = {"bert": RelPosBertForCausalLM, "gpt": RelPosGPTForCausalLM}
 # Weights a warm-started decoder may lack: cross-attention, and an LM head an encoder checkpoint does not ship.
 NEW_DECODER_WEIGHTS = re.compile(r"crossattention|ln_cross_attn|^cls\.|^lm_head\.")
+CROSS_ATTENTION_INITS = ("random", "self_attention")
 
 
 @dataclass
@@ -94,6 +95,11 @@ class ModelArguments:
     relative_attention_num_buckets: int | None = field(default=None, metadata={"help": "t5: bucket count."})
     relative_attention_max_distance: int | None = field(default=None, metadata={"help": "t5: max distance."})
     rope_theta: float | None = field(default=None, metadata={"help": "rope/xpos: base frequency."})
+    cross_attention_init: str = field(
+        default="random",
+        metadata={"help": "random (BERT2BERT as published) or self_attention: start each decoder layer's new "
+                          "cross-attention as a copy of its pretrained self-attention."},
+    )
     cache_dir: str | None = field(default=None)
 
     def __post_init__(self):
@@ -104,6 +110,9 @@ class ModelArguments:
         allowed = [cls.__name__ for cls in DECODER_CLASSES.values()]
         if self.decoder_class is not None and self.decoder_class not in allowed:
             raise ValueError(f"--decoder_class must be one of {allowed}, got {self.decoder_class!r}.")
+        if self.cross_attention_init not in CROSS_ATTENTION_INITS:
+            raise ValueError(f"--cross_attention_init must be one of {list(CROSS_ATTENTION_INITS)}, "
+                             f"got {self.cross_attention_init!r}.")
 
 
 @dataclass
@@ -164,6 +173,20 @@ def check_warm_start(decoder) -> None:
         )
 
 
+def copy_self_attention_to_cross_attention(decoder) -> int:
+    """Initialise each BERT-layout decoder layer's cross-attention (query/key/value/output and its LayerNorm) as a
+    copy of the same layer's pretrained self-attention, instead of at random: a query then starts out attending to
+    source tokens that resemble it, which a copy-heavy task can use from the first step. Returns the tensors copied."""
+    state = decoder.state_dict()
+    copies = {name: state[name.replace(".crossattention.", ".attention.")] for name in state
+              if ".crossattention." in name}
+    if not copies:
+        raise ValueError(f"--cross_attention_init self_attention needs a BERT-layout decoder with `crossattention` "
+                         f"modules; {type(decoder).__name__} has none.")
+    decoder.load_state_dict(copies, strict=False)
+    return len(copies)
+
+
 def special_token_ids(tokenizer) -> tuple[int, int, int]:
     """`(decoder_start, eos, pad)`: BERT2BERT's `[CLS]`, `[SEP]`, `[PAD]`, or GPT-2's BOS/EOS."""
     start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
@@ -197,6 +220,9 @@ def build_model(model_args, decoder_tokenizer) -> EncoderDecoderModel:
         )
         check_warm_start(decoder)
         model = RelPosEncoderDecoderModel(encoder=encoder, decoder=decoder)
+    if model_args.cross_attention_init == "self_attention":
+        logger.info("cross-attention: %d tensors copied from self-attention",
+                    copy_self_attention_to_cross_attention(model.decoder))
     start, eos, pad = special_token_ids(decoder_tokenizer)
     for config in (model.config, model.generation_config):
         config.decoder_start_token_id, config.bos_token_id, config.eos_token_id, config.pad_token_id = (

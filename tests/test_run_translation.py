@@ -80,3 +80,36 @@ def test_decoder_checkpoint_whose_weights_do_not_load_is_refused_instead_of_trai
     with pytest.raises(ValueError, match="it would train a randomly initialised decoder"):
         main(checkpoints, "--encoder_name_or_path", checkpoints["bert"], "--decoder_name_or_path",
              checkpoints["renamed"])
+
+
+@pytest.mark.parametrize("family", ["relpos", "transformers"])
+def test_cross_attention_init_self_attention_starts_cross_attention_as_the_pretrained_self_attention(
+    checkpoints, family
+):
+    module = run_translation()
+    encodings = {"transformers_bert2bert": True} if family == "transformers" else {
+        "encoder_position_embedding_type": "alibi", "decoder_position_embedding_type": "alibi"}
+    args = module.ModelArguments(model_name_or_path=checkpoints["bert"], cross_attention_init="self_attention",
+                                 **encodings)
+    model = module.build_model(args, BertTokenizerFast.from_pretrained(checkpoints["bert"]))
+    pretrained = BertModel.from_pretrained(checkpoints["bert"]).state_dict()
+    decoder = model.decoder.state_dict()
+    for layer in range(SMALL["num_hidden_layers"]):
+        for part in ("self.query.weight", "self.key.bias", "self.value.weight", "output.dense.weight",
+                     "output.LayerNorm.weight"):
+            torch.testing.assert_close(decoder[f"bert.encoder.layer.{layer}.crossattention.{part}"],
+                                       pretrained[f"encoder.layer.{layer}.attention.{part}"], rtol=0, atol=0)
+
+
+def test_cross_attention_init_random_leaves_cross_attention_unlike_self_attention(checkpoints):
+    module = run_translation()
+    args = module.ModelArguments(model_name_or_path=checkpoints["bert"], encoder_position_embedding_type="alibi",
+                                 decoder_position_embedding_type="alibi")
+    decoder = module.build_model(args, BertTokenizerFast.from_pretrained(checkpoints["bert"])).decoder.state_dict()
+    assert not torch.equal(decoder["bert.encoder.layer.0.crossattention.self.query.weight"],
+                           decoder["bert.encoder.layer.0.attention.self.query.weight"])
+
+
+def test_unknown_cross_attention_init_is_refused_naming_the_choices(checkpoints):
+    with pytest.raises(ValueError, match=r"--cross_attention_init must be one of \['random', 'self_attention'\]"):
+        main(checkpoints, "--model_name_or_path", checkpoints["bert"], "--cross_attention_init", "copy")
