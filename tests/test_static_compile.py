@@ -27,15 +27,17 @@ NEW_TOKENS = 4
 SLOW = pytest.mark.slow
 
 
-def relpos_decoder(layout: str, name: str):
-    """A one-layer decoder of `layout` with encoding `name`."""
+def relpos_decoder(layout: str, name: str, kernel: str):
+    """A one-layer decoder of `layout` with encoding `name` and attention `kernel`."""
     torch.manual_seed(0)
     if layout == "gpt":
-        return RelPosGPTForCausalLM(tiny_gpt_config(name, n_layer=1)).eval()
-    if layout == "llama":
-        return RelPosLlamaForCausalLM(tiny_llama_config(name, num_hidden_layers=1)).eval()
-    config = tiny_bert_config(position_embedding_type=name, num_hidden_layers=1, is_decoder=True, pad_token_id=0)
-    return RelPosBertForCausalLM(config).eval()
+        model_class, config = RelPosGPTForCausalLM, tiny_gpt_config(name, n_layer=1)
+    elif layout == "llama":
+        model_class, config = RelPosLlamaForCausalLM, tiny_llama_config(name, num_hidden_layers=1)
+    else:
+        model_class = RelPosBertForCausalLM
+        config = tiny_bert_config(position_embedding_type=name, num_hidden_layers=1, is_decoder=True, pad_token_id=0)
+    return model_class._from_config(config, attn_implementation=kernel).eval()
 
 
 def left_padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,8 +68,8 @@ def generations(model, backend: str) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 @functools.cache
-def relpos_generations(layout: str, name: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-    return generations(relpos_decoder(layout, name), backend)
+def relpos_generations(layout: str, name: str, backend: str, kernel: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    return generations(relpos_decoder(layout, name, kernel), backend)
 
 
 ENCODINGS = sorted(POSITION_ENCODINGS)
@@ -82,6 +84,7 @@ TRACED = [
 ]
 
 
+
 def test_relpos_decoders_declare_fullgraph_compile():
     assert RelPosGPTForCausalLM._can_compile_fullgraph
     assert RelPosLlamaForCausalLM._can_compile_fullgraph
@@ -90,7 +93,7 @@ def test_relpos_decoders_declare_fullgraph_compile():
 
 @pytest.mark.parametrize("layout, name, backend", TRACED)
 def test_compiled_static_generation_gives_eager_tokens(layout, name, backend):
-    eager, compiled, _ = relpos_generations(layout, name, backend)
+    eager, compiled, _ = relpos_generations(layout, name, backend, "sdpa")
     assert compiled.shape == (2, 6 + NEW_TOKENS)
     assert torch.equal(compiled, eager)
 
@@ -98,7 +101,16 @@ def test_compiled_static_generation_gives_eager_tokens(layout, name, backend):
 @pytest.mark.parametrize("layout, name, backend", TRACED)
 def test_every_decode_step_runs_one_compiled_graph(layout, name, backend):
     """One graph serves all decode steps (no graph break, no recompilation as the cache fills)."""
-    _, _, graphs = relpos_generations(layout, name, backend)
+    _, _, graphs = relpos_generations(layout, name, backend, "sdpa")
+    assert graphs == 1
+
+
+@SLOW
+@pytest.mark.parametrize("name", ["alibi", "deberta"])
+def test_eager_kernel_compiles_the_static_decode_step_too(name):
+    """The dense bias reaches the reference kernel instead of sdpa's float mask; same graph count, same tokens."""
+    eager, compiled, graphs = relpos_generations("llama", name, "aot_eager", "eager")
+    assert torch.equal(compiled, eager)
     assert graphs == 1
 
 
