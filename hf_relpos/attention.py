@@ -96,11 +96,12 @@ def contiguous_positions(
     cache's empty ones) continue the count. Computed for every slot by `where`, never sliced by `past_length`, so a
     tensor `past_length` leaves no data-dependent shape in a compiled graph.
     """
-    offsets = torch.arange(key_length, device=device) - past_length
+    slots = torch.arange(key_length, device=device)
     if position_ids is None:
         query_positions = torch.arange(query_length, device=device) + past_length
-        return query_positions.expand(batch_size, -1), (offsets + past_length).expand(batch_size, -1)
+        return query_positions.expand(batch_size, -1), slots.expand(batch_size, -1)
     query_positions = position_ids.to(device).expand(batch_size, -1)
+    offsets = slots - past_length
     new_keys = query_positions[:, offsets.clamp(0, query_length - 1)]
     before = query_positions[:, :1] + offsets
     after = query_positions[:, -1:] + offsets - (query_length - 1)

@@ -19,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.generation.configuration_utils import CompileConfig
 
 from hf_relpos import POSITION_ENCODINGS, RelPosBertForCausalLM, RelPosGPTForCausalLM, RelPosLlamaForCausalLM
+from hf_relpos.attention import token_positions
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -83,6 +84,14 @@ TRACED = [
     pytest.param("llama", "t5", "inductor", id="llama-t5-inductor", marks=SLOW),
 ]
 
+
+
+def test_static_cache_slots_count_on_from_the_query_with_a_tensor_past_length():
+    """A decode step over a static cache of 8 slots holding 4 tokens, with `generate`'s position ids and 4D mask:
+    slot j sits at `position - 4 + j`, before and after the query alike."""
+    query, keys = token_positions(None, torch.tensor([[7], [5]]), 2, 1, torch.tensor(4), 8, torch.device("cpu"))
+    assert query.tolist() == [[7], [5]]
+    assert keys.tolist() == [list(range(3, 11)), list(range(1, 9))]
 
 
 def test_relpos_decoders_declare_fullgraph_compile():
