@@ -27,7 +27,7 @@ OLDEST_TESTS = tests/test_transformers_releases.py tests/test_remote_code_across
 	tests/test_generation.py tests/test_decoder.py tests/test_encoder.py tests/test_encoder_decoder.py \
 	tests/test_remote_code_decoder.py tests/test_remote_code_encoder.py tests/test_training_features.py \
 	tests/test_like_transformers.py tests/test_llama.py tests/test_remote_code_llama.py \
-	tests/test_bert_decoder.py tests/test_seq2seq.py tests/test_relative_families.py
+	tests/test_bert_decoder.py tests/test_seq2seq.py tests/test_relative_families.py tests/test_static_compile.py
 
 $(OLDEST_STAMP): setup.cfg hf_relpos/configuration_relpos.py
 	rm -rf $(OLDEST_VENV)

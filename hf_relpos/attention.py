@@ -46,7 +46,7 @@ def token_positions(
     position_ids: torch.Tensor | None,
     batch_size: int,
     query_length: int,
-    past_length: int,
+    past_length: int | torch.Tensor,
     key_length: int,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,13 +58,15 @@ def token_positions(
     the new keys (the same tokens); the cached keys are counted back from the first query by the mask's real
     tokens (contiguously without a mask), so the count agrees with `position_ids = cumsum(mask) - 1`, as
     `generate` passes them. Keys past the mask (a static cache's empty slots) continue the count; they are masked
-    anyway.
+    anyway. Without a 2D mask `past_length` may be a tensor (a static cache's under `torch.compile`): nothing is
+    sliced by it.
     """
-    if attention_mask is not None and attention_mask.dim() == 2:
-        counted = (attention_mask.to(device) != 0).long().cumsum(-1) - 1
-        key_positions = counted.clamp(min=0)[:, :key_length].expand(batch_size, -1)
-    else:
-        key_positions = torch.arange(min(key_length, past_length + query_length), device=device).expand(batch_size, -1)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return contiguous_positions(position_ids, batch_size, query_length, past_length, key_length, device)
+    # The mask covers `past + len` tokens (see `check_attention_mask`): its length is the past as a host int.
+    past_length = attention_mask.shape[-1] - query_length
+    counted = (attention_mask.to(device) != 0).long().cumsum(-1) - 1
+    key_positions = counted.clamp(min=0)[:, :key_length].expand(batch_size, -1)
     if position_ids is None:
         query_positions = key_positions[:, past_length : past_length + query_length]
     else:
@@ -77,6 +79,33 @@ def token_positions(
         # A static cache attends over all its slots: the empty ones continue the count (they are masked anyway).
         extra = torch.arange(1, key_length - key_positions.shape[-1] + 1, device=device)
         key_positions = torch.cat((key_positions, key_positions[:, -1:] + extra), dim=-1)
+    return query_positions, key_positions
+
+
+def contiguous_positions(
+    position_ids: torch.Tensor | None,
+    batch_size: int,
+    query_length: int,
+    past_length: int | torch.Tensor,
+    key_length: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_positions` without a 2D mask: key slot `j` sits `j - past_length` tokens after the first query.
+
+    Cached keys count back from the first query, the new keys are the queries, and the slots after them (a static
+    cache's empty ones) continue the count. Computed for every slot by `where`, never sliced by `past_length`, so a
+    tensor `past_length` leaves no data-dependent shape in a compiled graph.
+    """
+    slots = torch.arange(key_length, device=device)
+    if position_ids is None:
+        query_positions = torch.arange(query_length, device=device) + past_length
+        return query_positions.expand(batch_size, -1), slots.expand(batch_size, -1)
+    query_positions = position_ids.to(device).expand(batch_size, -1)
+    offsets = slots - past_length
+    new_keys = query_positions[:, offsets.clamp(0, query_length - 1)]
+    before = query_positions[:, :1] + offsets
+    after = query_positions[:, -1:] + offsets - (query_length - 1)
+    key_positions = torch.where(offsets < 0, before, torch.where(offsets < query_length, new_keys, after))
     return query_positions, key_positions
 
 
@@ -104,9 +133,9 @@ def self_attention_cache(cache: Cache | None) -> Cache | None:
 def check_attention_mask(
     attention_mask: torch.Tensor | None, batch_size: int, query_length: int, past_length: int, key_length: int
 ) -> None:
-    """Raise `ValueError` unless `attention_mask` is `[batch, past + len]` (1 = token, 0 = padding) or a prepared 4D
-    mask `[batch, 1, q_len, k_len]`."""
-    if attention_mask is None:
+    """Raise `ValueError` unless `attention_mask` is `[batch, past + len]` (1 = token, 0 = padding), a prepared 4D
+    mask `[batch, 1, q_len, k_len]` or a flex `BlockMask` (which `generate` builds for a static cache)."""
+    if attention_mask is None or isinstance(attention_mask, BlockMask):
         return
     shape = tuple(attention_mask.shape)
     expected = (batch_size, past_length + query_length)
@@ -134,7 +163,9 @@ def cached_positions(
     if cache is not None:
         past_length = cache.get_seq_length()
         key_length, _ = cache.get_mask_sizes(length, 0)
-    check_attention_mask(attention_mask, batch_size, length, past_length, key_length)
+    if not torch.compiler.is_compiling():
+        # A static cache's length is a tensor in a compiled graph: checking it would read it on the host.
+        check_attention_mask(attention_mask, batch_size, length, past_length, key_length)
     return token_positions(
         attention_mask, position_ids, batch_size, length, past_length, key_length, inputs_embeds.device
     )
@@ -241,7 +272,11 @@ def flex_attention_forward(
         )
     block_mask = attention_mask if isinstance(attention_mask, BlockMask) else None
     enable_gqa = key.shape[1] != query.shape[1]
-    if query.shape[2] == 1:
+    if torch.compiler.is_compiling():
+        # Traced into the caller's graph (a compiled static-cache decode step), where flex compiles with it.
+        output = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
+                                enable_gqa=enable_gqa)
+    elif query.shape[2] == 1:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             output = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
@@ -530,6 +565,9 @@ class RelPosPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     # Kernels are looked up through `ALL_ATTENTION_FUNCTIONS` above, so switching them at run time is safe.
     _can_set_attn_implementation_cached_value = True
+    # Every encoding traces into one graph, a static cache's decode step included (tests/test_static_compile.py):
+    # `generate(cache_implementation="static")` compiles that step with fullgraph.
+    _can_compile_fullgraph = True
 
     def __init__(self, config, *args, **kwargs):
         # Fields may have been set after the config was built (e.g. `from_pretrained(..., position_embedding_type=)`).
