@@ -104,8 +104,9 @@ def test_adaptation_lowers_the_held_out_distance_to_the_teacher_of_an_encoder(be
     student = load_converted(RelPosBertForSequenceClassification, bert_dir, encoding, num_labels=2)
     head = student.classifier.weight.clone()
     student, report = hf_relpos.adapt(bert_dir, student, sentences(200, seed=2), held_out=sentences(24, seed=3),
-                                      max_steps=40, batch_size=16, max_length=32, learning_rate=3e-3,
+                                      max_steps=40, batch_size=16, max_length=32, learning_rate=1e-2,
                                       progress=False)
+    # Unadapted, the ratio is 1. Seen over five seeds of the tiny BERT: 0.67-0.78 (at 3e-3: up to 0.84).
     assert report.after["distance"] < 0.85 * report.before["distance"]
     assert report.loss_curve[-1]["loss"] < report.loss_curve[0]["loss"]
     assert report.encoding_steps == (4 if encoding == "t5" else 0)

@@ -2,8 +2,11 @@
 
 Tiny random BERT-layout and GPT-2-layout checkpoints (transformers' own `BertForMaskedLM` / `GPT2LMHeadModel`) are
 saved to a temporary folder with a tiny word-level tokenizer, and each example converts them to another encoding.
+Each test trains to a result well past what a model blind to word order reaches (stated next to each bound, with the
+values seen over seeds 0-2), on one torch thread so that the figures do not depend on the machine's core count.
 """
 
+import collections
 import importlib.util
 import json
 import math
@@ -13,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DIGITS = [str(d) for d in range(10)]
@@ -120,10 +125,14 @@ def test_run_mlm_adapts_converted_bert(tmp_path, tiny_bert):
     results = load_example("run_mlm").main([
         "--model_name_or_path", tiny_bert, "--position_embedding_type", "alibi", "--train_file", train,
         "--validation_file", valid, "--max_seq_length", "32", "--do_train", "--do_eval",
-        *common_args(out, max_steps=40, lr=3e-3),
+        *common_args(out, max_steps=120, lr=3e-3),
     ])
     assert_loss_went_down(out, factor=0.8)
-    assert math.isfinite(results["perplexity"])
+    # Ignoring the context, the best guess for a masked digit is its frequency: perplexity 7.8 on this data. Seen
+    # after 120 steps, seeds 0-2: 2.9-4.5 (after 40 steps: 8.2, the frequencies only).
+    counts = collections.Counter(word for line in lines[:260] for word in line["text"].split())
+    frequency_only = math.exp(-sum(n / counts.total() * math.log(n / counts.total()) for n in counts.values()))
+    assert results["perplexity"] < 0.8 * frequency_only, (results, frequency_only)
     config = json.loads((out / "config.json").read_text())
     assert config["position_embedding_type"] == "alibi"
 
@@ -139,9 +148,11 @@ def test_run_clm_learns_repeating_pattern(tmp_path, tiny_gpt2):
     results = load_example("run_clm").main([
         "--model_name_or_path", tiny_gpt2, "--position_embedding_type", "rope", "--train_file", train,
         "--validation_file", valid, "--block_size", "32", "--do_train", "--do_eval",
-        *common_args(out, max_steps=60),
+        *common_args(out, max_steps=60, lr=3e-3),
     ])
     assert_loss_went_down(out, factor=0.5)
+    # Uniform over the vocabulary is perplexity 30, the digits' frequencies alone 10; the next digit follows from the
+    # previous one only by order. Seen: 1.14 for seeds 0-2 (2.4 at the former learning rate 1e-3).
     assert results["perplexity"] < 3.0, results
 
 
@@ -158,13 +169,29 @@ def test_run_token_classification_tags_rises(tmp_path, tiny_bert):
     valid = write_jsonl(tmp_path / "valid.jsonl", rows[340:])
     out = tmp_path / "out"
     results = load_example("run_token_classification").main([
-        "--model_name_or_path", tiny_bert, "--position_embedding_type", "alibi", "--train_file", train,
-        "--validation_file", valid, "--do_train", "--do_eval", *common_args(out, max_steps=80, lr=3e-3),
+        "--model_name_or_path", tiny_bert, "--position_embedding_type", "rope", "--train_file", train,
+        "--validation_file", valid, "--do_train", "--do_eval", *common_args(out, max_steps=150, lr=3e-3),
     ])
     assert_loss_went_down(out)
-    # Chance: about 45% of tokens are B-UP; a bag of words cannot tell which.
-    assert results["eval_accuracy"] > 0.8, results
-    assert results["eval_f1"] > 0.7, results
+    # Blind to order, a model can only tag by the digit itself (a 9 usually rises, a 0 never): accuracy 0.77 and
+    # F1 0.67 here. Seen with rope, seeds 0 and 1: 1.0 and 1.0. (alibi's bias is the same for the left and the
+    # right neighbour in an encoder: it reached only 0.84-0.87 and 0.79-0.82, thinly above the blind guess.)
+    blind_accuracy, blind_f1 = digit_only_tagging(rows[:340], rows[340:])
+    assert results["eval_accuracy"] > blind_accuracy + 0.15, (results, blind_accuracy)
+    assert results["eval_f1"] > blind_f1 + 0.2, (results, blind_f1)
+
+
+def digit_only_tagging(train: list[dict], valid: list[dict]) -> tuple[float, float]:
+    """Token accuracy and B-UP F1 on `valid` of tagging each digit with its most frequent tag in `train`."""
+    counts = collections.defaultdict(collections.Counter)
+    for row in train:
+        for token, tag in zip(row["tokens"], row["tags"], strict=True):
+            counts[token][tag] += 1
+    pairs = [(counts[token].most_common(1)[0][0], tag)
+             for row in valid for token, tag in zip(row["tokens"], row["tags"], strict=True)]
+    hits = sum(guess == "B-UP" and tag == "B-UP" for guess, tag in pairs)
+    guessed, actual = sum(guess == "B-UP" for guess, _ in pairs), sum(tag == "B-UP" for _, tag in pairs)
+    return sum(guess == tag for guess, tag in pairs) / len(pairs), 2 * hits / (guessed + actual)
 
 
 @pytest.mark.slow
@@ -182,11 +209,12 @@ def test_run_translation_learns_reversal(tmp_path, tiny_bert, tiny_gpt2):
         "--encoder_name_or_path", tiny_bert, "--decoder_name_or_path", tiny_gpt2,
         "--encoder_position_embedding_type", "t5", "--decoder_position_embedding_type", "rope",
         "--train_file", train, "--validation_file", valid, "--max_target_length", "8",
-        "--do_train", "--do_eval", "--predict_with_generate", *common_args(out, max_steps=200, lr=3e-3),
+        "--do_train", "--do_eval", "--predict_with_generate", *common_args(out, max_steps=400, lr=3e-3),
     ])
     assert_loss_went_down(out, factor=0.5)
-    # Outputting the source unreversed scores about 10 BLEU on this data; chance is lower still.
-    assert results["eval_bleu"] > 30.0, results
+    # Outputting the source unreversed scores about 10 BLEU on this data; chance is lower still. Learning is abrupt:
+    # after 200 steps seeds 0 and 1 stood at 33 and 22 BLEU, after 400 at 100 and 94.
+    assert results["eval_bleu"] > 60.0, results
     assert (out / "config.json").exists()
 
 
@@ -211,7 +239,7 @@ def test_run_translation_bert2bert_from_one_checkpoint_learns_reversal(tmp_path,
         *common_args(out, max_steps=200, lr=3e-3),
     ])
     assert_loss_went_down(out, factor=0.5)
-    assert results["eval_bleu"] > 30.0, results
+    assert results["eval_bleu"] > 30.0, results  # seen: 42, 63 and 49 BLEU for seeds 0-2; copying the source: 10
     assert set(results["test_by_source_length"]) == {"<=3", ">3"}
     assert (out / "test_predictions.jsonl").exists()
     config = json.loads((out / "config.json").read_text())
@@ -238,11 +266,13 @@ def test_run_qa_finds_word_after_marker(tmp_path, tiny_bert):
     valid = write_jsonl(tmp_path / "valid.jsonl", rows[440:])
     out = tmp_path / "out"
     results = load_example("run_qa").main([
-        "--model_name_or_path", tiny_bert, "--position_embedding_type", "alibi", "--train_file", train,
+        "--model_name_or_path", tiny_bert, "--position_embedding_type", "rope", "--train_file", train,
         "--validation_file", valid, "--max_seq_length", "24", "--doc_stride", "8", "--max_answer_length", "3",
-        "--do_train", "--do_eval", *common_args(out, max_steps=300, lr=3e-3),
+        "--do_train", "--do_eval", *common_args(out, max_steps=400, lr=3e-3),
     ])
     assert_loss_went_down(out, factor=0.5)
-    # Chance is one of about 8 context words (12.5%). Learning this task is abrupt: at 120 steps the run sits
-    # mid-transition (50%), at 300 it has solved it (100%), so the bound leaves room on both sides.
+    # Chance is one of about 8 context words (12.5%). Learning this task is abrupt: the loss sits on a plateau near
+    # chance, then falls within some 40 steps. With rope it fell near steps 60, 115 and 195 for seeds 0-2 (100%
+    # after 300 steps), so 400 leave room. (alibi's bias cannot tell the word after `key` from the word before it in an
+    # encoder: seed 0 escaped the plateau at step 100, seed 1 never did in 300 steps.)
     assert results["eval_exact_match"] > 90.0, results
