@@ -10,8 +10,8 @@ the conversion, and after the adaptation:
     python examples/adapt_llm.py --output_dir out/adapt_llm
 
 The defaults (`--encodings rope,alibi,t5 --max_steps 30 --per_device_train_batch_size 4 --block_size 128
---learning_rate 1e-4 --warmup_steps 3 --eval_tokens 4096`: 15,360 training tokens per encoding) take about 14 minutes
-of CPU time, within ~20 minutes of wall time on 2 CPU cores; every flag overrides them.
+--learning_rate 1e-4 --warmup_steps 3 --eval_tokens 4096`: 15,360 training tokens per encoding) took 11 minutes of
+CPU time with one thread (docs/RESULTS.md), within ~20 minutes of wall time on 2 CPU cores; every flag overrides them.
 
 The results go to OUTPUT_DIR/results.json and OUTPUT_DIR/results.md; the adapted models to OUTPUT_DIR/smollm2-NAME
 (with their modelling code and tokenizer: they load with `trust_remote_code=True`).
