@@ -116,6 +116,9 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
                         "the source's architecture); seq2seq: BERT2BERT, both halves warm-started from SRC")
     parser.add_argument("--decoder-position-embedding-type",
                         help="--task seq2seq: the decoder's encoding (default: --position-embedding-type)")
+    parser.add_argument("--cross-attention-init", choices=("random", "self_attention"),
+                        help="--task seq2seq: start the decoder's new cross-attention at random (default, as "
+                        "published) or as a copy of each layer's self-attention")
     parser.add_argument("--num-labels", type=int, help="classification heads: number of labels")
     parser.add_argument("--revision")
     parser.add_argument("--no-tokenizer", action="store_true", help="do not copy the tokenizer")
@@ -141,6 +144,10 @@ def _run_convert(args: argparse.Namespace) -> int:
         if args.task != SEQ2SEQ_TASK:
             raise UsageError("--decoder-position-embedding-type needs --task seq2seq")
         options["decoder_position_embedding_type"] = args.decoder_position_embedding_type
+    if args.cross_attention_init is not None:
+        if args.task != SEQ2SEQ_TASK:
+            raise UsageError("--cross-attention-init needs --task seq2seq")
+        options["cross_attention_init"] = args.cross_attention_init
     if args.num_labels is not None:
         options["num_labels"] = args.num_labels
     if args.revision is not None:

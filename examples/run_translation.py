@@ -53,7 +53,12 @@ from transformers import (
 )
 
 from hf_relpos import RelPosBertForCausalLM, RelPosBertModel, RelPosEncoderDecoderModel, RelPosGPTForCausalLM
-from hf_relpos.convert import load_converted, model_family
+from hf_relpos.convert import (
+    CROSS_ATTENTION_INITS,
+    copy_self_attention_to_cross_attention,
+    load_converted,
+    model_family,
+)
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # relpos_example_utils, also when imported by path
@@ -66,7 +71,6 @@ logger = logging.getLogger(__name__)
 DECODER_CLASSES = {"bert": RelPosBertForCausalLM, "gpt": RelPosGPTForCausalLM}
 # Weights a warm-started decoder may lack: cross-attention, and an LM head an encoder checkpoint does not ship.
 NEW_DECODER_WEIGHTS = re.compile(r"crossattention|ln_cross_attn|^cls\.|^lm_head\.")
-CROSS_ATTENTION_INITS = ("random", "self_attention")
 
 
 @dataclass
@@ -171,20 +175,6 @@ def check_warm_start(decoder) -> None:
             f"The decoder checkpoint {report.source!r} provided no weights for {len(stray)} parameters of "
             f"{report.model_class} (e.g. {stray[:3]}): it would train a randomly initialised decoder."
         )
-
-
-def copy_self_attention_to_cross_attention(decoder) -> int:
-    """Initialise each BERT-layout decoder layer's cross-attention (query/key/value/output and its LayerNorm) as a
-    copy of the same layer's pretrained self-attention, instead of at random: a query then starts out attending to
-    source tokens that resemble it, which a copy-heavy task can use from the first step. Returns the tensors copied."""
-    state = decoder.state_dict()
-    copies = {name: state[name.replace(".crossattention.", ".attention.")] for name in state
-              if ".crossattention." in name}
-    if not copies:
-        raise ValueError(f"--cross_attention_init self_attention needs a BERT-layout decoder with `crossattention` "
-                         f"modules; {type(decoder).__name__} has none.")
-    decoder.load_state_dict(copies, strict=False)
-    return len(copies)
 
 
 def special_token_ids(tokenizer) -> tuple[int, int, int]:

@@ -611,20 +611,43 @@ def _build_report(source, source_config, model, config, key_mapping, loading_inf
 
 @dataclass
 class Seq2SeqConversionReport:
-    """What `load_seq2seq` did: one `ConversionReport` per half."""
+    """What `load_seq2seq` did: one `ConversionReport` per half, and how the new cross-attention started."""
 
     encoder: ConversionReport
     decoder: ConversionReport
+    cross_attention_init: str = "random"
 
     @property
     def is_lossless(self) -> bool:
         return self.encoder.is_lossless and self.decoder.is_lossless
 
     def to_dict(self) -> dict[str, Any]:
-        return {"encoder": self.encoder.to_dict(), "decoder": self.decoder.to_dict()}
+        return {"encoder": self.encoder.to_dict(), "decoder": self.decoder.to_dict(),
+                "cross_attention_init": self.cross_attention_init}
 
     def __str__(self) -> str:
-        return f"encoder: {self.encoder}\ndecoder: {self.decoder}"
+        return (f"encoder: {self.encoder}\ndecoder: {self.decoder}\n"
+                f"cross-attention initialised: {self.cross_attention_init}")
+
+
+# How `load_seq2seq` starts the decoder's new cross-attention.
+CROSS_ATTENTION_INITS = ("random", "self_attention")
+
+
+def copy_self_attention_to_cross_attention(decoder: PreTrainedModel) -> int:
+    """Start each BERT-layout decoder layer's cross-attention (query, key, value, output and its LayerNorm) as a copy
+    of the same layer's pretrained self-attention, instead of at random: a query then begins by attending to source
+    tokens whose states resemble its own, which a task that copies much of its source can use from the first step.
+    Works on `RelPosBertForCausalLM` and transformers' `BertLMHeadModel` alike. Returns the number of tensors copied.
+    """
+    state = decoder.state_dict()
+    copies = {name: state[name.replace(".crossattention.", ".attention.")] for name in state
+              if ".crossattention." in name}
+    if not copies:
+        raise ValueError(f"cross_attention_init='self_attention' needs a BERT-layout decoder with `crossattention` "
+                         f"modules; {type(decoder).__name__} has none.")
+    decoder.load_state_dict(copies, strict=False)
+    return len(copies)
 
 
 def load_seq2seq(
@@ -634,6 +657,7 @@ def load_seq2seq(
     *,
     decoder_start_token_id: int | None = None,
     eos_token_id: int | None = None,
+    cross_attention_init: str = "random",
     **kwargs,
 ) -> PreTrainedModel:
     """BERT2BERT (Rothe et al. 2020): an encoder-decoder whose two halves are warm-started from ONE BERT-family
@@ -642,7 +666,9 @@ def load_seq2seq(
     The encoder is `RelPosBertModel` without BERT's pooler (a decoder reads every state); the decoder is
     `RelPosBertForCausalLM` with `is_decoder=True` and `add_cross_attention=True`, so its cross-attention (and any head
     the checkpoint lacks) is newly initialised and listed as such in `model.conversion_report` (a
-    `Seq2SeqConversionReport`). `decoder_start_token_id` and `eos_token_id` default to the source tokenizer's `[CLS]`
+    `Seq2SeqConversionReport`). `cross_attention_init="self_attention"` starts the cross-attention as a copy of each
+    layer's self-attention (`copy_self_attention_to_cross_attention`) instead of at random as the paper does.
+    `decoder_start_token_id` and `eos_token_id` default to the source tokenizer's `[CLS]`
     and `[SEP]` (BERT2BERT's choice), `pad_token_id` to the source's. `kwargs` go to `load_converted` for both
     halves (encoding options, `attn_implementation`, ...).
 
@@ -651,6 +677,9 @@ def load_seq2seq(
     """
     from .modeling_relpos_encoder_decoder import RelPosEncoderDecoderModel
 
+    if cross_attention_init not in CROSS_ATTENTION_INITS:
+        raise ValueError(f"cross_attention_init must be one of {list(CROSS_ATTENTION_INITS)}, "
+                         f"got {cross_attention_init!r}.")
     source = os.fspath(source)
     encoder = load_converted(
         "base", source, encoder_position_embedding_type, model_kwargs={"add_pooling_layer": False}, **kwargs
@@ -667,6 +696,8 @@ def load_seq2seq(
         end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
         decoder_start_token_id = start if decoder_start_token_id is None else decoder_start_token_id
         eos_token_id = end if eos_token_id is None else eos_token_id
+    if cross_attention_init == "self_attention":
+        copy_self_attention_to_cross_attention(decoder)
     model = RelPosEncoderDecoderModel(encoder=encoder, decoder=decoder)
     special = {
         "decoder_start_token_id": decoder_start_token_id, "bos_token_id": decoder_start_token_id,
@@ -675,7 +706,9 @@ def load_seq2seq(
     for config in (model.config, model.generation_config):
         for name, value in special.items():
             setattr(config, name, value)
-    model.conversion_report = Seq2SeqConversionReport(encoder.conversion_report, decoder.conversion_report)
+    model.conversion_report = Seq2SeqConversionReport(
+        encoder.conversion_report, decoder.conversion_report, cross_attention_init
+    )
     return model.eval()
 
 
@@ -710,6 +743,8 @@ def convert_checkpoint(
     if task == SEQ2SEQ_TASK:
         decoder_position_embedding_type = kwargs.pop("decoder_position_embedding_type", None) or position_embedding_type
         model = load_seq2seq(source, position_embedding_type, decoder_position_embedding_type, **kwargs)
+    elif "cross_attention_init" in kwargs:
+        raise ValueError(f"cross_attention_init applies to task={SEQ2SEQ_TASK!r} only, not {task!r}.")
     else:
         model = load_converted(task, source, position_embedding_type, **kwargs)
     report = model.conversion_report
@@ -851,12 +886,14 @@ def _copy_tokenizer(source: str, save_directory: str, hub_kwargs: dict) -> None:
 
 
 __all__ = [
+    "CROSS_ATTENTION_INITS",
     "ConversionReport",
     "SEQ2SEQ_TASK",
     "Seq2SeqConversionReport",
     "TASKS",
     "convert_checkpoint",
     "convert_config",
+    "copy_self_attention_to_cross_attention",
     "get_model_class",
     "infer_task",
     "load_converted",

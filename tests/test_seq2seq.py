@@ -105,7 +105,37 @@ def test_cli_convert_task_seq2seq_saves_both_halves_code_and_auto_map(bert_check
     assert {"modeling_relpos_encoder_decoder.py", "modeling_relpos_bert.py", "configuration_relpos.py",
             "attention.py", "encodings.py"} <= set(os.listdir(destination))
     report = json.loads((destination / "conversion_report.json").read_text())
-    assert set(report) == {"encoder", "decoder"}
+    assert report.keys() == {"encoder", "decoder", "cross_attention_init"}
+    assert report["cross_attention_init"] == "random"
+
+
+def test_cross_attention_init_self_attention_copies_each_layers_pretrained_self_attention(bert_checkpoint):
+    model = load_seq2seq(bert_checkpoint, "alibi", "alibi", decoder_start_token_id=START, eos_token_id=STOP,
+                         cross_attention_init="self_attention")
+    pretrained = BertModel.from_pretrained(bert_checkpoint).state_dict()
+    decoder = model.decoder.state_dict()
+    for layer in range(model.decoder.config.num_hidden_layers):
+        for part in ("self.query.weight", "self.key.weight", "self.value.bias", "output.dense.weight",
+                     "output.LayerNorm.bias"):
+            torch.testing.assert_close(decoder[f"bert.encoder.layer.{layer}.crossattention.{part}"],
+                                       pretrained[f"encoder.layer.{layer}.attention.{part}"], rtol=0, atol=0)
+    assert model.conversion_report.cross_attention_init == "self_attention"
+
+
+def test_unknown_cross_attention_init_is_refused_naming_the_choices(bert_checkpoint):
+    with pytest.raises(ValueError, match=r"cross_attention_init must be one of \['random', 'self_attention'\]"):
+        load_seq2seq(bert_checkpoint, "alibi", "alibi", cross_attention_init="copy")
+
+
+def test_cli_cross_attention_init_is_recorded_in_the_report_and_needs_task_seq2seq(bert_checkpoint, tmp_path, capsys):
+    destination = tmp_path / "bert2bert"
+    assert cli_main(["convert", bert_checkpoint, str(destination), "--position-embedding-type", "alibi", "--task",
+                     "seq2seq", "--cross-attention-init", "self_attention", "--no-tokenizer"]) == 0
+    report = json.loads((destination / "conversion_report.json").read_text())
+    assert report["cross_attention_init"] == "self_attention"
+    assert cli_main(["convert", bert_checkpoint, str(tmp_path / "other"), "--position-embedding-type", "alibi",
+                     "--cross-attention-init", "self_attention"]) == 2
+    assert "--cross-attention-init needs --task seq2seq" in capsys.readouterr().err
 
 
 def test_cli_refuses_a_decoder_encoding_without_task_seq2seq(bert_checkpoint, tmp_path, capsys):
