@@ -50,7 +50,7 @@ def plot(runs: dict[str, dict], path: str, train_words: int | None) -> None:
     from matplotlib import pyplot as plt
 
     bins = list(next(iter(runs.values()))["test"]["test_by_source_length"])
-    figure, axes = plt.subplots(figsize=(8, 5), dpi=120)
+    figure, axes = plt.subplots(figsize=(9, 6.5), dpi=120)
     positions = range(len(bins))
     for index, (name, run) in enumerate(runs.items()):
         by_bin = run["test"]["test_by_source_length"]
@@ -67,7 +67,7 @@ def plot(runs: dict[str, dict], path: str, train_words: int | None) -> None:
     axes.set_ylabel("BLEU (sacrebleu)")
     axes.set_title("KJV -> WEB, BERT2BERT warm-started from MiniLM: BLEU by source length")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     figure.savefig(path)
