@@ -8,12 +8,11 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from hf_relpos.convert import convert_checkpoint
 
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -41,7 +40,6 @@ def output_dir_with_source(tmp_path: Path, source: Path) -> str:
 
 
 def test_adapt_llm_reports_rope_unchanged_by_conversion_and_alibi_recovering_in_training(smollm2_source, tmp_path):
-    torch.set_num_threads(1)
     results = example("adapt_llm").main([
         "--output_dir", output_dir_with_source(tmp_path, smollm2_source), "--encodings", "rope,alibi",
         "--max_steps", "2", "--per_device_train_batch_size", "1", "--block_size", "64", "--eval_tokens", "128",
@@ -55,7 +53,6 @@ def test_adapt_llm_reports_rope_unchanged_by_conversion_and_alibi_recovering_in_
 
 
 def test_extend_context_scores_each_scaling_zero_shot_and_after_fine_tuning(smollm2_source, tmp_path):
-    torch.set_num_threads(1)
     results = example("extend_context").main([
         "--output_dir", output_dir_with_source(tmp_path, smollm2_source), "--scalings", "shipped,linear",
         "--lengths", "64,128", "--eval_tokens", "128", "--passkey_samples", "1", "--finetune_steps", "1",
