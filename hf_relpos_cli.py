@@ -116,9 +116,9 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
                         "the source's architecture); seq2seq: BERT2BERT, both halves warm-started from SRC")
     parser.add_argument("--decoder-position-embedding-type",
                         help="--task seq2seq: the decoder's encoding (default: --position-embedding-type)")
-    parser.add_argument("--cross-attention-init", choices=("random", "self_attention"),
-                        help="--task seq2seq: start the decoder's new cross-attention at random (default, as "
-                        "published) or as a copy of each layer's self-attention")
+    parser.add_argument("--cross-attention-init",
+                        help="--task seq2seq: random (default, as published) or self_attention: start the decoder's"
+                        " new cross-attention as a copy of each layer's self-attention")
     parser.add_argument("--num-labels", type=int, help="classification heads: number of labels")
     parser.add_argument("--revision")
     parser.add_argument("--no-tokenizer", action="store_true", help="do not copy the tokenizer")
@@ -129,7 +129,7 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_convert(args: argparse.Namespace) -> int:
     _check_local_path(args.source, "SRC")
-    from hf_relpos.convert import SEQ2SEQ_TASK, TASKS, convert_checkpoint
+    from hf_relpos.convert import CROSS_ATTENTION_INITS, SEQ2SEQ_TASK, TASKS, convert_checkpoint
     from hf_relpos.encodings import POSITION_ENCODINGS
 
     for flag in ("position_embedding_type", "decoder_position_embedding_type"):
@@ -147,6 +147,9 @@ def _run_convert(args: argparse.Namespace) -> int:
     if args.cross_attention_init is not None:
         if args.task != SEQ2SEQ_TASK:
             raise UsageError("--cross-attention-init needs --task seq2seq")
+        if args.cross_attention_init not in CROSS_ATTENTION_INITS:
+            raise UsageError(f"unknown --cross-attention-init {args.cross_attention_init!r}; choose one of "
+                             f"{list(CROSS_ATTENTION_INITS)}")
         options["cross_attention_init"] = args.cross_attention_init
     if args.num_labels is not None:
         options["num_labels"] = args.num_labels
