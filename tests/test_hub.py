@@ -32,9 +32,10 @@ TOKEN = "hf_local_dummy_token"
 SENTENCES = ["the cat sat on the mat", "a dog barked at the moon all night", "positions matter"]
 BERT_REPO, NATIVE_REPO, GPT_REPO, TRAINER_REPO = (
     "tester/relpos-bert-alibi", "tester/relpos-bert-native", "tester/relpos-gpt-rope", "tester/relpos-trainer")
-BERT_CODE = {"configuration_relpos.py", "modeling_relpos_bert.py", "attention.py", "encodings.py"}
+BERT_CODE = {"configuration_relpos.py", "modeling_relpos_bert.py", "attention.py", "encodings.py", "kernels.py"}
 GPT_CODE = {
-    "configuration_relpos.py", "modeling_relpos_gpt.py", "modeling_relpos_decoder.py", "attention.py", "encodings.py"
+    "configuration_relpos.py", "modeling_relpos_gpt.py", "modeling_relpos_decoder.py", "attention.py", "encodings.py",
+    "kernels.py",
 }
 TOKENIZER = {"tokenizer.json", "tokenizer_config.json"}
 BERT_AUTO = {"AutoConfig", "AutoModel", "AutoModelForMaskedLM", "AutoModelForSequenceClassification",

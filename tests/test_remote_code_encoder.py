@@ -33,7 +33,9 @@ AUTO_MAP_KEYS = {
     "AutoModelForQuestionAnswering",
     "AutoModelForMultipleChoice",
 }
-CODE_FILES = ("configuration_relpos.py", "modeling_relpos_bert.py", "attention.py", "encodings.py")
+CODE_FILES = (
+    "configuration_relpos.py", "modeling_relpos_bert.py", "attention.py", "encodings.py", "kernels.py"
+)
 AUTO_CLASS = {
     RelPosBertModel: "AutoModel",
     RelPosBertForMaskedLM: "AutoModelForMaskedLM",

@@ -19,7 +19,7 @@ from hf_relpos import RelPosLlamaForCausalLM, RelPosLlamaForSequenceClassificati
 ENCODINGS = ["absolute", "rope", "alibi", "fire", "relative_key_query", "deberta"]
 CODE_FILES = (
     "configuration_relpos.py", "modeling_relpos_llama.py", "modeling_relpos_decoder.py", "attention.py",
-    "encodings.py",
+    "encodings.py", "kernels.py",
 )
 NEW_TOKENS = 5
 

@@ -103,7 +103,7 @@ def test_cli_convert_task_seq2seq_saves_both_halves_code_and_auto_map(bert_check
     assert (config["encoder"]["position_embedding_type"], config["decoder"]["position_embedding_type"]) == ("alibi",
                                                                                                            "t5")
     assert {"modeling_relpos_encoder_decoder.py", "modeling_relpos_bert.py", "configuration_relpos.py",
-            "attention.py", "encodings.py"} <= set(os.listdir(destination))
+            "attention.py", "encodings.py", "kernels.py"} <= set(os.listdir(destination))
     report = json.loads((destination / "conversion_report.json").read_text())
     assert report.keys() == {"encoder", "decoder", "cross_attention_init"}
     assert report["cross_attention_init"] == "random"
