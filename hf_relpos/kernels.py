@@ -83,7 +83,6 @@ def block_tables(tables, row_tables: int, rows: slice) -> list[torch.Tensor]:
     return [table[..., rows, :] if index < row_tables else table for index, table in enumerate(tables)]
 
 
-
 def query_blocks(length: int, block_size: int) -> list[slice]:
     """Slices of `block_size` consecutive queries covering `length`."""
     return [slice(start, min(start + block_size, length)) for start in range(0, length, block_size)]
@@ -113,7 +112,6 @@ def block_probabilities(
     # which make every matmul that reads them (P v, P^T dO, dS k, dS^T q) several times slower on x86 CPUs.
     nn.functional.threshold_(probabilities, DENORMAL_GUARD, 0.0)
     return probabilities.to(scaled_query.dtype)
-
 
 
 def block_dropout(probabilities: torch.Tensor, dropout: float, seed: int, rows: slice) -> torch.Tensor:
