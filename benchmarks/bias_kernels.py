@@ -21,8 +21,9 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from hf_relpos import RelPosBertConfig  # noqa: E402
-from hf_relpos.attention import BLOCK_SCORES, QueryBlockedAttention  # noqa: E402
+from hf_relpos.attention import BLOCK_SCORES  # noqa: E402
 from hf_relpos.encodings import build_position_encoding  # noqa: E402
+from hf_relpos.kernels import QueryBlockedAttention  # noqa: E402
 
 
 HEADS, HEAD_DIM = 4, 64

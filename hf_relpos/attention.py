@@ -4,7 +4,7 @@ The models own their projections (BERT's `query/key/value`, GPT-2's `c_attn`) an
 which rotates, updates the cache, asks the encoding for its bias and runs the kernel named by
 `config._attn_implementation`: `eager` (the reference, below), `sdpa` (transformers' `sdpa_attention_forward`,
 which folds `position_bias` into its float mask; when training a bias that needs a gradient on CPU,
-`QueryBlockedAttention` instead),
+`kernels.QueryBlockedAttention` instead),
 `flex_attention` (the encoding's `score_mod`, no dense bias) or any other registered kernel that can serve the
 encoding.
 """
@@ -24,6 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
 from .encodings import PositionEncoding, PositionState, get_encoding_class
+from .kernels import QueryBlockedAttention
 
 
 logger = logging.get_logger(__name__)
@@ -291,122 +292,6 @@ def flex_attention_forward(
 
 # Scores per block of queries (8 MiB in fp32): big enough for BLAS, small enough for cache and memory.
 BLOCK_SCORES = 2**21
-# Probabilities below this (~1e-19) are zeroed by the blocked kernel (see `block_probabilities`).
-DENORMAL_GUARD = torch.finfo(torch.float32).tiny ** 0.5
-
-
-class QueryBlockedAttention(torch.autograd.Function):
-    """`softmax(q k^T * scaling + bias + mask) v` over blocks of queries, for a bias that needs a gradient.
-
-    Each block reads its rows of the bias from the encoding's small tables (`bias_rows`), so no
-    `[batch, heads, q_len, k_len]` bias, score or gradient is ever held whole: forward keeps one block's scores at a
-    time, backward recomputes them and reduces the score gradient `dS = P * (dP - rowsum(dO * O))` into the tables
-    block by block (Milakov & Gimelshein 2018; Dao et al. 2022, with full rows instead of an online softmax).
-    The first `row_tables` tables are indexed by query on dim -2: `bias_rows` gets the block's slice of them, and
-    their gradient is written into that slice. When all queries fit in one block the probabilities are kept for
-    backward instead (no larger than a block). Dropout masks are regenerated in backward from one seed per call.
-    """
-
-    @staticmethod
-    def forward(ctx, query, key, value, mask, bias_rows, row_tables, scaling, dropout, causal, block_size, *tables):
-        seed = int(torch.randint(2**62, ())) if dropout > 0.0 else 0
-        scaled_query = query * scaling
-        output = torch.empty_like(query)
-        blocks = query_blocks(query.shape[2], block_size)
-        for rows in blocks:
-            bias = bias_rows(block_tables(tables, row_tables, rows), rows)
-            probabilities = block_probabilities(scaled_query, key, mask, bias, causal, rows)
-            output[:, :, rows] = torch.matmul(block_dropout(probabilities, dropout, seed, rows), value)
-        kept = probabilities if len(blocks) == 1 else None
-        ctx.save_for_backward(query, key, value, mask, output, kept, *tables)
-        ctx.options = bias_rows, row_tables, scaling, dropout, causal, block_size, seed
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        query, key, value, mask, output, kept, *tables = ctx.saved_tensors
-        bias_rows, row_tables, scaling, dropout, causal, block_size, seed = ctx.options
-        scaled_query = query * scaling
-        grad_query, grad_key, grad_value = torch.empty_like(query), torch.zeros_like(key), torch.zeros_like(value)
-        needs_grad = ctx.needs_input_grad[10:]
-        grad_tables = [torch.zeros_like(table) if needs else None
-                       for table, needs in zip(tables, needs_grad, strict=True)]
-        # rowsum(dO * O) = rowsum(dP * P): the softmax backward's correction term, one value per query.
-        correction = (grad_output * output).sum(-1, keepdim=True)
-        for rows in query_blocks(query.shape[2], block_size):
-            leaves = [table.detach().requires_grad_(needs)
-                      for table, needs in zip(block_tables(tables, row_tables, rows), needs_grad, strict=True)]
-            with torch.enable_grad():
-                bias = bias_rows(leaves, rows)
-            if kept is None:
-                probabilities = block_probabilities(scaled_query, key, mask, bias.detach(), causal, rows)
-            else:
-                probabilities = kept
-            block_grad_output = grad_output[:, :, rows]
-            grad_value += torch.matmul(block_dropout(probabilities, dropout, seed, rows).transpose(-1, -2),
-                                       block_grad_output)
-            grad_scores = block_dropout(torch.matmul(block_grad_output, value.transpose(-1, -2)), dropout, seed, rows)
-            grad_scores.sub_(correction[:, :, rows]).mul_(probabilities)
-            grad_query[:, :, rows] = torch.matmul(grad_scores, key).mul_(scaling)
-            grad_key += torch.matmul(grad_scores.transpose(-1, -2), scaled_query[:, :, rows])
-            if any(needs_grad):
-                wanted = [index for index, leaf in enumerate(leaves) if leaf.requires_grad]
-                grads = torch.autograd.grad(bias, [leaves[index] for index in wanted],
-                                            grad_scores.sum_to_size(bias.shape), allow_unused=True)
-                for index, grad in zip(wanted, grads, strict=True):
-                    if grad is not None:
-                        total = grad_tables[index][..., rows, :] if index < row_tables else grad_tables[index]
-                        total += grad
-        return grad_query, grad_key, grad_value, None, None, None, None, None, None, None, *grad_tables
-
-
-def block_tables(tables, row_tables: int, rows: slice) -> list[torch.Tensor]:
-    """`tables` with the first `row_tables` (indexed by query on dim -2) sliced to the block's `rows`."""
-    return [table[..., rows, :] if index < row_tables else table for index, table in enumerate(tables)]
-
-
-
-def query_blocks(length: int, block_size: int) -> list[slice]:
-    """Slices of `block_size` consecutive queries covering `length`."""
-    return [slice(start, min(start + block_size, length)) for start in range(0, length, block_size)]
-
-
-def block_probabilities(
-    scaled_query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, bias: torch.Tensor, causal: bool,
-    rows: slice,
-) -> torch.Tensor:
-    """Softmax probabilities `[batch, heads, len(rows), k_len]` of the queries in `rows`, softmax in fp32 or wider:
-    `bias` is the block's, `mask` (bool or additive, or None) and `causal` apply to all queries."""
-    scores = torch.matmul(scaled_query[:, :, rows], key.transpose(-1, -2))
-    scores += bias.to(scores.dtype)
-    if mask is not None:
-        block_mask = mask[..., rows, :] if mask.shape[-2] > 1 else mask
-        if block_mask.dtype == torch.bool:
-            scores.masked_fill_(~block_mask, torch.finfo(scores.dtype).min)
-        else:
-            scores += block_mask
-    elif causal:
-        offset = key.shape[2] - scaled_query.shape[2]
-        queries = torch.arange(rows.start, rows.stop, device=key.device)[:, None]
-        scores.masked_fill_(torch.arange(key.shape[2], device=key.device) > queries + offset,
-                            torch.finfo(scores.dtype).min)
-    probabilities = nn.functional.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-    # Probabilities below ~1e-19 are zeroed: far keys under a steep bias (ALiBi) otherwise leave denormal floats,
-    # which make every matmul that reads them (P v, P^T dO, dS k, dS^T q) several times slower on x86 CPUs.
-    nn.functional.threshold_(probabilities, DENORMAL_GUARD, 0.0)
-    return probabilities.to(scaled_query.dtype)
-
-
-
-def block_dropout(probabilities: torch.Tensor, dropout: float, seed: int, rows: slice) -> torch.Tensor:
-    """Dropout whose mask is a function of `(seed, rows)`, so backward regenerates the mask forward used."""
-    if dropout == 0.0:
-        return probabilities
-    generator = torch.Generator(device=probabilities.device).manual_seed(seed + rows.start)
-    keep = torch.rand(probabilities.shape, generator=generator, device=probabilities.device) >= dropout
-    return probabilities * keep / (1.0 - dropout)
-
-
 # Kernels that apply a position bias: a dense `position_bias` (eager, sdpa) or a `score_mod` (flex).
 BIAS_KERNELS = ("eager", "sdpa", "flex_attention")
 

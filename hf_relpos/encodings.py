@@ -29,6 +29,8 @@ from transformers import initialization as init
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils import logging
 
+from .kernels import DiagonalRows, SkewedRows
+
 
 logger = logging.get_logger(__name__)
 
@@ -66,82 +68,6 @@ def uniform_offset(state: PositionState) -> int | None:
     steps &= (query_positions - query_positions[:, :1] == torch.arange(query_positions.shape[1],
                                                                         device=offset.device)).all()
     return int(offset[0]) if bool(steps & (offset == offset[0]).all()) else None
-
-
-class DiagonalRows(torch.autograd.Function):
-    """`out[h, r, j] = table[h, start - r + j]`: `rows` rows and `cols` columns of the Toeplitz matrix whose
-    diagonals are `table` `[heads, n]`. Both directions are copies and a sum: backward adds the gradient along
-    diagonals through a strided view, without an index tensor."""
-
-    @staticmethod
-    def forward(ctx, table: torch.Tensor, start: int, rows: int, cols: int) -> torch.Tensor:
-        ctx.shape, ctx.first = table.shape, start - rows + 1
-        windows = table.unfold(-1, cols, 1)
-        # Row r is window start - r. Reversing a contiguous copy is fast; by chunks, that copy stays small.
-        if rows <= 256:
-            return windows[:, ctx.first : start + 1].contiguous().flip(1)
-        out = table.new_empty(table.shape[0], rows, cols)
-        for chunk in range(0, rows, 256):
-            stop = min(rows, chunk + 256)
-            out[:, chunk:stop] = windows[:, start - stop + 1 : start - chunk + 1].contiguous().flip(1)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        heads, rows, cols = grad.shape
-        width = rows + cols - 1
-        # Row r of the gradient lands at columns (rows - 1 - r) .. of its own row of `shifted`: columns are then
-        # the table index minus `first`, and a sum over rows adds each diagonal.
-        shifted = grad.new_empty(heads, rows, width)
-        # Row r's data covers columns rows-1-r .. rows-2-r+cols: zero only the two bands it may leave uncovered.
-        shifted[..., : rows - 1].zero_()
-        shifted[..., cols:].zero_()
-        shifted.as_strided((heads, rows, cols), (rows * width, width - 1, 1), rows - 1).copy_(grad)
-        grad_table = grad.new_zeros(ctx.shape)
-        grad_table[:, ctx.first : ctx.first + width] = shifted.sum(1)
-        return grad_table, None, None, None
-
-
-class SkewedRows(torch.autograd.Function):
-    """`out[..., r, c] = table[..., r, clamp(start + c - r, 0, n - 1)]`: each row of `table` `[..., rows, n]` read
-    along its diagonal over `cols` columns and clipped at both ends (Shaw et al. 2018's `clip(j - i, k)`). A padded
-    copy and a strided copy instead of an index tensor and a gather; backward adds each row's clipped ends into its
-    first and last entries."""
-
-    @staticmethod
-    def forward(ctx, table: torch.Tensor, start: int, cols: int) -> torch.Tensor:
-        *lead, rows, n = table.shape
-        left = max(0, rows - 1 - start)
-        right = max(0, start + cols - n)
-        padded = table.new_empty(*lead, rows, left + n + right)
-        padded[..., :left] = table[..., :1]
-        padded[..., left : left + n] = table
-        padded[..., left + n :] = table[..., -1:]
-        # Row r, column c sits at padded column `first - r + c`.
-        first = left + start
-        ctx.geometry = n, left, first, padded.shape[-1]
-        return skewed(padded, first, cols).contiguous()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        n, left, first, width = ctx.geometry
-        *lead, rows, cols = grad.shape
-        spread = grad.new_empty(*lead, rows, width)
-        # Row r's data covers columns first - r .. first - r + cols - 1: zero only what it may leave uncovered.
-        spread[..., : first].zero_()
-        spread[..., first - rows + 1 + cols :].zero_()
-        skewed(spread, first, cols).copy_(grad)
-        grad_table = spread[..., left : left + n].clone()
-        grad_table[..., 0] += spread[..., :left].sum(-1)
-        grad_table[..., -1] += spread[..., left + n :].sum(-1)
-        return grad_table, None, None
-
-
-def skewed(padded: torch.Tensor, first: int, cols: int) -> torch.Tensor:
-    """The view `out[..., r, c] = padded[..., r, first - r + c]` of a contiguous `padded` `[..., rows, width]`."""
-    *lead, rows, width = padded.shape
-    return padded.as_strided((*lead, rows, cols), (*padded.stride()[:-2], width - 1, 1),
-                             padded.storage_offset() + first)
 
 
 class PositionEncoding(nn.Module):

@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny encoder and decoder configs, a fixed seed, one torch thread."""
+"""Shared fixtures: tiny encoder and decoder configs, a fixed seed, one torch thread, and what a child process
+needs to run as on a machine without hf_relpos."""
+
+import os
+import textwrap
 
 import pytest
 import torch
@@ -62,3 +66,37 @@ def one_torch_thread():
 def seed() -> int:
     torch.manual_seed(0)
     return 0
+
+
+# The first lines of a child script that runs as on a machine without hf_relpos: importing it (or any of its
+# modules) fails, so only the code saved with a checkpoint can run. The child stops if the block did not take.
+WITHOUT_HF_RELPOS = textwrap.dedent(
+    """
+    import importlib.abc
+    import sys
+
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "hf_relpos" or name.startswith("hf_relpos."):
+                raise ImportError(f"{name} is blocked in this process")
+            return None
+
+
+    sys.meta_path.insert(0, Block())
+    try:
+        import hf_relpos  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("hf_relpos is importable in the clean process: the test would prove nothing")
+    """
+)
+
+
+def clean_env(**overrides: str) -> dict[str, str]:
+    """The environment of a child process that must not find this checkout: `os.environ` without `PYTHONPATH`
+    (which puts the checkout first on `sys.path`), `PYTHONHOME` and `VIRTUAL_ENV`, then `overrides`."""
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env.update(overrides)
+    return env

@@ -7,8 +7,9 @@ from conftest import BIAS_ENCODINGS, ENCODER_ENCODINGS, tiny_bert_config, tiny_g
 from torch.autograd.graph import saved_tensors_hooks
 
 from hf_relpos import RelPosBertModel, RelPosGPTForCausalLM
-from hf_relpos.attention import BLOCK_SCORES, QueryBlockedAttention, dense_bias
-from hf_relpos.encodings import DiagonalRows, SkewedRows, build_position_encoding
+from hf_relpos.attention import BLOCK_SCORES, dense_bias
+from hf_relpos.encodings import build_position_encoding
+from hf_relpos.kernels import DiagonalRows, QueryBlockedAttention, SkewedRows
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

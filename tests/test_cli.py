@@ -36,7 +36,7 @@ def test_push_dry_run_lists_exactly_what_loading_needs(saved_model, capsys):
     listed = set(capsys.readouterr().out.split())
     assert listed == {
         "config.json", "model.safetensors", "README.md", "configuration_relpos.py", "modeling_relpos_bert.py",
-        "attention.py", "encodings.py",
+        "attention.py", "encodings.py", "kernels.py",
     }
 
 

@@ -18,7 +18,7 @@ import huggingface_hub
 import pytest
 import torch
 import transformers.utils.hub as transformers_hub
-from conftest import tiny_bert_config
+from conftest import WITHOUT_HF_RELPOS, clean_env, tiny_bert_config
 from hub_server import LocalHub
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, hf_hub_download
 from transformers import AutoTokenizer, Trainer, TrainingArguments
@@ -32,9 +32,10 @@ TOKEN = "hf_local_dummy_token"
 SENTENCES = ["the cat sat on the mat", "a dog barked at the moon all night", "positions matter"]
 BERT_REPO, NATIVE_REPO, GPT_REPO, TRAINER_REPO = (
     "tester/relpos-bert-alibi", "tester/relpos-bert-native", "tester/relpos-gpt-rope", "tester/relpos-trainer")
-BERT_CODE = {"configuration_relpos.py", "modeling_relpos_bert.py", "attention.py", "encodings.py"}
+BERT_CODE = {"configuration_relpos.py", "modeling_relpos_bert.py", "attention.py", "encodings.py", "kernels.py"}
 GPT_CODE = {
-    "configuration_relpos.py", "modeling_relpos_gpt.py", "modeling_relpos_decoder.py", "attention.py", "encodings.py"
+    "configuration_relpos.py", "modeling_relpos_gpt.py", "modeling_relpos_decoder.py", "attention.py", "encodings.py",
+    "kernels.py",
 }
 TOKENIZER = {"tokenizer.json", "tokenizer_config.json"}
 BERT_AUTO = {"AutoConfig", "AutoModel", "AutoModelForMaskedLM", "AutoModelForSequenceClassification",
@@ -142,15 +143,8 @@ def pushed(local_hub, tmp_path_factory):
     return out
 
 
-CHILD = textwrap.dedent("""
+CHILD = WITHOUT_HF_RELPOS + textwrap.dedent("""
     import json, sys
-    sys.modules["hf_relpos"] = None  # this machine "does not have" hf_relpos
-    try:
-        import hf_relpos  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("hf_relpos is importable in the clean process")
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -182,7 +176,7 @@ def loaded(pushed, local_hub, tmp_path_factory):
                      "native": [NATIVE_REPO, None]}}
     (work / "spec.json").write_text(json.dumps(spec))
     (work / "child.py").write_text(CHILD)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env = {k: v for k, v in clean_env().items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     env.update(HF_ENDPOINT=local_hub.url, HF_HUB_OFFLINE="0", HF_HOME=str(work / "home"), HF_TOKEN=TOKEN,
                HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
     result = subprocess.run([sys.executable, str(work / "child.py"), str(work / "spec.json"), str(work / "out.json")],

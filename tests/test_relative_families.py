@@ -8,14 +8,13 @@ batch, in fp32, to 1e-5.
 
 import json
 import math
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import tiny_bert_config
+from conftest import WITHOUT_HF_RELPOS, clean_env, tiny_bert_config
 from safetensors.torch import load_file, save_file
 from transformers import (
     BertConfig,
@@ -391,17 +390,10 @@ def test_roformer_converts_to_t5(tmp_path):
 # hf-relpos convert on each family: a folder that loads anywhere with trust_remote_code
 # ---------------------------------------------------------------------------------------------------------------
 
-LOADER = textwrap.dedent(
+LOADER = WITHOUT_HF_RELPOS + textwrap.dedent(
     """
-    import importlib.abc, json, sys
+    import json, sys
 
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_relpos" or name.startswith("hf_relpos."):
-                raise ImportError(f"{name} is blocked in this process")
-            return None
-
-    sys.meta_path.insert(0, Block())
     import torch
     import transformers
 
@@ -448,8 +440,7 @@ def test_cli_convert_of_each_family_loads_with_remote_code(tmp_path):
     report = json.loads((tmp_path / "roformer-converted" / "conversion_report.json").read_text())
     assert "permuted" in " ".join(report["mapped_weights"])
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules_cache"))
+    env = clean_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules_cache"))
     run = subprocess.run([sys.executable, "-c", LOADER, str(tmp_path / "manifest.json")], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -7,7 +7,6 @@ newest transformers; run with the newest, it is the oldest venv's, when `make te
 
 import configparser
 import json
-import os
 import re
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import tiny_bert_config, tiny_gpt_config
+from conftest import WITHOUT_HF_RELPOS, clean_env, tiny_bert_config, tiny_gpt_config
 from test_remote_code_decoder import perturb_
 from transformers import EncoderDecoderModel
 
@@ -33,10 +32,9 @@ PAD, BOS, EOS = 0, 1, 2
 UNTESTED = "was tested with transformers"
 
 # Runs in a clean interpreter: hf_relpos is unimportable, so only the code saved with each folder runs.
-CHILD = textwrap.dedent(
+CHILD = WITHOUT_HF_RELPOS + textwrap.dedent(
     """
-    import json, sys
-    sys.modules["hf_relpos"] = None
+    import json
     import torch
     import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, EncoderDecoderModel
@@ -80,9 +78,8 @@ def other_release_interpreter() -> str:
 
 
 def run_child(interpreter: str, folder: Path, code: str = CHILD) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_MODULES_CACHE=str(folder / f"modules-{Path(interpreter).parent.parent.name}"))
+    env = clean_env(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                    HF_MODULES_CACHE=str(folder / f"modules-{Path(interpreter).parent.parent.name}"))
     result = subprocess.run([interpreter, "-c", code], cwd=folder, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -163,10 +160,8 @@ def test_saved_code_warns_once_naming_both_versions_outside_the_tested_range(sav
                             code.read_text(), flags=re.MULTILINE)
     assert count == 1
     code.write_text(source)
-    load_twice = textwrap.dedent(
+    load_twice = WITHOUT_HF_RELPOS + textwrap.dedent(
         """
-        import sys
-        sys.modules["hf_relpos"] = None
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
         AutoConfig.from_pretrained(".", trust_remote_code=True)
@@ -181,10 +176,8 @@ def test_saved_code_warns_once_naming_both_versions_outside_the_tested_range(sav
 
 
 def test_saved_code_is_silent_inside_the_tested_range(saved_tree):
-    quiet = textwrap.dedent(
+    quiet = WITHOUT_HF_RELPOS + textwrap.dedent(
         """
-        import sys
-        sys.modules["hf_relpos"] = None
         from transformers import AutoModelForCausalLM
         AutoModelForCausalLM.from_pretrained(".", trust_remote_code=True)
         """

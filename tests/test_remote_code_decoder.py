@@ -2,21 +2,21 @@
 
 import ast
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import tiny_gpt_config
+from conftest import WITHOUT_HF_RELPOS, clean_env, tiny_gpt_config
 
 from hf_relpos import POSITION_ENCODINGS, RelPosGPTForCausalLM, RelPosGPTForSequenceClassification
 
 
 ENCODINGS = list(POSITION_ENCODINGS)
 CODE_FILES = (
-    "configuration_relpos.py", "modeling_relpos_gpt.py", "modeling_relpos_decoder.py", "attention.py", "encodings.py"
+    "configuration_relpos.py", "modeling_relpos_gpt.py", "modeling_relpos_decoder.py", "attention.py", "encodings.py",
+    "kernels.py",
 )
 AUTO_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification")
 NEW_TOKENS = 6
@@ -36,16 +36,9 @@ def perturb_(model: torch.nn.Module) -> None:
 
 
 # Runs in a clean interpreter: hf_relpos is made unimportable, so only the code saved with each checkpoint can run.
-CHILD = textwrap.dedent(
+CHILD = WITHOUT_HF_RELPOS + textwrap.dedent(
     """
-    import json, sys
-    sys.modules["hf_relpos"] = None
-    try:
-        import hf_relpos  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("hf_relpos is importable in the child")
+    import json
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -140,8 +133,7 @@ def test_saved_code_imports_only_same_folder_modules_and_installed_packages(save
 
 
 def test_clean_process_without_hf_relpos_loads_every_encoding_and_generates_the_same(saved_tree):
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    env.update(
+    env = clean_env(
         OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(saved_tree / "modules")
     )
     result = subprocess.run(

@@ -2,14 +2,13 @@
 the same logits and generates the same tokens (dynamic and static cache, left padding)."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import tiny_llama_config
+from conftest import WITHOUT_HF_RELPOS, clean_env, tiny_llama_config
 
 from hf_relpos import RelPosLlamaForCausalLM, RelPosLlamaForSequenceClassification
 
@@ -19,15 +18,14 @@ from hf_relpos import RelPosLlamaForCausalLM, RelPosLlamaForSequenceClassificati
 ENCODINGS = ["absolute", "rope", "alibi", "fire", "relative_key_query", "deberta"]
 CODE_FILES = (
     "configuration_relpos.py", "modeling_relpos_llama.py", "modeling_relpos_decoder.py", "attention.py",
-    "encodings.py",
+    "encodings.py", "kernels.py",
 )
 NEW_TOKENS = 5
 
 # Runs in a clean interpreter: hf_relpos is made unimportable, so only the code saved with each checkpoint can run.
-CHILD = textwrap.dedent(
+CHILD = WITHOUT_HF_RELPOS + textwrap.dedent(
     """
-    import json, sys
-    sys.modules["hf_relpos"] = None
+    import json
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -103,8 +101,7 @@ def test_save_pretrained_writes_the_code_safetensors_and_the_family_auto_map(sav
 
 
 def test_clean_process_without_hf_relpos_loads_every_encoding_and_generates_the_same(saved_tree):
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    env.update(
+    env = clean_env(
         OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(saved_tree / "modules")
     )
     result = subprocess.run(

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import tiny_bert_config, tiny_gpt_config
+from conftest import WITHOUT_HF_RELPOS, clean_env, tiny_bert_config, tiny_gpt_config
 from transformers import BertConfig, BertModel, EncoderDecoderModel
 
 from hf_relpos import RelPosBertModel, RelPosEncoderDecoderModel, RelPosGPTForCausalLM
@@ -103,7 +103,7 @@ def test_cli_convert_task_seq2seq_saves_both_halves_code_and_auto_map(bert_check
     assert (config["encoder"]["position_embedding_type"], config["decoder"]["position_embedding_type"]) == ("alibi",
                                                                                                            "t5")
     assert {"modeling_relpos_encoder_decoder.py", "modeling_relpos_bert.py", "configuration_relpos.py",
-            "attention.py", "encodings.py"} <= set(os.listdir(destination))
+            "attention.py", "encodings.py", "kernels.py"} <= set(os.listdir(destination))
     report = json.loads((destination / "conversion_report.json").read_text())
     assert report.keys() == {"encoder", "decoder", "cross_attention_init"}
     assert report["cross_attention_init"] == "random"
@@ -145,17 +145,10 @@ def test_cli_refuses_a_decoder_encoding_without_task_seq2seq(bert_checkpoint, tm
     assert "--task seq2seq" in capsys.readouterr().err
 
 
-LOADER = textwrap.dedent(
+LOADER = WITHOUT_HF_RELPOS + textwrap.dedent(
     """
-    import importlib.abc, json, sys
+    import json, sys
 
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_relpos" or name.startswith("hf_relpos."):
-                raise ImportError(f"{name} is blocked in this process")
-            return None
-
-    sys.meta_path.insert(0, Block())
     import torch
     import transformers
 
@@ -206,8 +199,7 @@ def test_saved_seq2seq_reloads_in_a_clean_process_and_generates_identically(bert
         manifest.append(folder)
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     (tmp_path / "load.py").write_text(LOADER)
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules_cache"))
+    env = clean_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules_cache"))
     process = subprocess.run([sys.executable, "load.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=300)
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-5000:]
