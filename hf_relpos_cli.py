@@ -6,7 +6,8 @@ hf-relpos convert SRC DST --position-embedding-type alibi --task seq2seq [--deco
 hf-relpos card DIR
 hf-relpos push DIR REPO_ID [--delete-stale]
 hf-relpos extrapolate MODEL [MODEL ...] --text-file eval.txt --lengths 64 128 256
-hf-relpos adapt ORIGINAL CONVERTED OUT --text-file FILE [--max-steps N] [--max-length L] [--overwrite]
+hf-relpos adapt ORIGINAL CONVERTED OUT --text-file FILE [--max-steps N] [--max-length L] [--attention-weight W]
+    [--overwrite]
 ```
 
 This module lives beside the `hf_relpos` package, not in it: importing the package registers every model with
@@ -332,6 +333,8 @@ def _add_adapt(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-length", type=int, default=128, help="tokens per window; longer lines are split")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--attention-weight", type=float,
+                        help="weight of the attention-map term, 0 for hidden states only (default: hf_relpos.adapt's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     parser.add_argument("--no-progress", action="store_true")
@@ -345,10 +348,11 @@ def _run_adapt(args: argparse.Namespace) -> int:
         raise UsageError(f"--text-file {args.text_file} does not exist.")
     from hf_relpos.adapt import adapt_checkpoint
 
+    weights = {} if args.attention_weight is None else {"attention_weight": args.attention_weight}
     report = adapt_checkpoint(
         args.original, args.converted, args.output, text_file=args.text_file, max_steps=args.max_steps,
         max_length=args.max_length, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
-        overwrite=args.overwrite, progress=not args.no_progress,
+        overwrite=args.overwrite, **weights, progress=not args.no_progress,
     )
     print(report)
     print(f"Saved the adapted model to {args.output}")

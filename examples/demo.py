@@ -158,9 +158,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rows", nargs="+", choices=["original", "converted", "adapted"],
                         default=["original", "converted", "adapted"], help="which models to fine-tune (the saved "
                         "model is the first encoding's last row, so keep `converted` or `adapted`)")
-    parser.add_argument("--adapt_steps", type=int, default=150)
+    parser.add_argument("--adapt_steps", type=int, default=450)
     parser.add_argument("--adapt_batch_size", type=int, default=16)
     parser.add_argument("--adapt_learning_rate", type=float, default=1e-4)
+    parser.add_argument("--adapt_attention_weight", type=float, default=1.0,
+                        help="weight of the attention-map term of hf_relpos.adapt (0: hidden states only)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=1, help="torch threads; the table depends on it")
     parser.add_argument("--output_dir", default="demo_output")
@@ -223,6 +225,7 @@ def main(argv=None) -> dict:
             model, report = adapt(source, converted(encoding)(), unlabeled, tokenizer=tokenizer,
                                   max_steps=args.adapt_steps, batch_size=args.adapt_batch_size,
                                   max_length=args.max_seq_length, learning_rate=args.adapt_learning_rate,
+                                  attention_weight=args.adapt_attention_weight,
                                   held_out=0.02, seed=args.seed)
             print(report)
             adaptations[encoding] = report

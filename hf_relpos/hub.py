@@ -159,7 +159,10 @@ def _adaptation_line(report: dict) -> str:
     """One line stating an `hf_relpos.adapt` run (adaptation_report.json): text, steps, agreement with the teacher."""
     text = f"`{report['text_file']}` ({report['train_texts']} texts)" if report.get("text_file") else (
         f"{report['train_texts']} texts")
-    return (f"- Adaptation before fine-tuning (`hf_relpos.adapt`): distilled from `{report['teacher']}` on {text}, "
+    targets = ("hidden states and attention maps (weight "
+               f"{report['attention_weight']:g})" if report.get("attention_weight") else "hidden states")
+    return (f"- Adaptation before fine-tuning (`hf_relpos.adapt`): the {targets} of `{report['teacher']}` "
+            f"distilled on {text}, "
             f"{report['max_steps']} steps of {report['batch_size']} x up to {report['max_length']} tokens; held-out "
             f"hidden-state distance to the teacher {report['before']['distance']:.3f} -> "
             f"{report['after']['distance']:.3f}, last-layer cosine {report['before']['cosine']:.3f} -> "

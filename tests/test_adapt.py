@@ -1,6 +1,7 @@
 """`hf_relpos.adapt`: distilling the absolute original into its converted copy on unlabeled text."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from transformers import (
 
 import hf_relpos
 from hf_relpos import RelPosBertForSequenceClassification, RelPosGPTForCausalLM, RelPosLlamaForCausalLM
-from hf_relpos.adapt import agreement, layer_distances, tokenize_texts
+from hf_relpos.adapt import agreement, attention_divergence, layer_distances, tokenize_texts
 from hf_relpos.cli import main as cli_main
 from hf_relpos.convert import convert_checkpoint, load_converted
 
@@ -82,6 +83,17 @@ def test_layer_distance_is_the_masked_squared_error_over_the_teachers_variance()
     torch.testing.assert_close(layer_distances(student, teacher, mask), expected.reshape(1))
 
 
+def test_attention_divergence_is_the_teachers_kl_over_heads_and_real_query_tokens():
+    teacher = [torch.randn(2, 3, 4, 4).softmax(-1)]
+    student = [torch.randn(2, 3, 4, 4).softmax(-1)]
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    rows = [(b, h, i) for b in range(2) for h in range(3) for i in range(4) if mask[b, i]]
+    expected = sum(sum(float(t * math.log(t / s)) for t, s in zip(teacher[0][row], student[0][row], strict=True))
+                   for row in rows) / len(rows)
+    torch.testing.assert_close(attention_divergence(student, teacher, mask), torch.tensor([expected]))
+    assert attention_divergence(teacher, teacher, mask).abs().max() < 1e-6
+
+
 def test_long_texts_are_split_into_windows_that_keep_every_token(tokenizer):
     text = " ".join(WORDS * 2)
     windows = tokenize_texts([text], tokenizer, max_length=10)
@@ -111,6 +123,36 @@ def test_adaptation_lowers_the_held_out_distance_to_the_teacher_of_an_encoder(be
     assert report.loss_curve[-1]["loss"] < report.loss_curve[0]["loss"]
     assert report.encoding_steps == (4 if encoding == "t5" else 0)
     assert torch.equal(student.classifier.weight, head)  # the head is not part of the distillation
+
+
+def test_the_attention_term_lowers_the_attention_divergence_and_restores_the_kernels(bert_dir, tokenizer):
+    student = load_converted(RelPosBertForSequenceClassification, bert_dir, "rope", num_labels=2)
+    teacher = load_converted("base", bert_dir)
+    with torch.no_grad():  # the tiny random BERT attends almost uniformly: sharpen every head in both models
+        for model in (student, teacher):
+            for layer in model.base_model.encoder.layer:
+                layer.attention.self.query.weight *= 20
+    batch = tokenizer(sentences(24, seed=3), padding=True, return_tensors="pt")
+    kernels = (student.config._attn_implementation, teacher.config._attn_implementation)
+
+    def divergence():
+        with torch.no_grad():
+            outputs = [model.base_model(**batch, output_attentions=True).attentions for model in (student, teacher)]
+        return float(attention_divergence(*outputs, batch["attention_mask"]).mean())
+
+    for model in (student, teacher):
+        model.set_attn_implementation("eager")
+    before = divergence()
+    for model, kernel in zip((student, teacher), kernels, strict=True):
+        model.set_attn_implementation(kernel)
+    _, report = hf_relpos.adapt(teacher, student, sentences(200, seed=2), held_out=sentences(24, seed=3),
+                                tokenizer=tokenizer, max_steps=40, batch_size=16, max_length=32, learning_rate=1e-2,
+                                attention_weight=1.0, progress=False)
+    assert (student.config._attn_implementation, teacher.config._attn_implementation) == kernels
+    assert report.attention_weight == 1.0 and report.after["distance"] < report.before["distance"]
+    for model in (student, teacher):
+        model.set_attn_implementation("eager")
+    assert divergence() < 0.7 * before
 
 
 def test_the_encoding_phase_trains_only_the_encodings_parameters(bert_dir):
@@ -143,13 +185,13 @@ def test_cli_writes_the_adapted_model_its_report_and_card_and_refuses_a_non_empt
     text_file.write_text("\n".join(sentences(120, seed=8)))
     out = tmp_path / "adapted"
     command = ["adapt", bert_dir, str(converted), str(out), "--text-file", str(text_file), "--max-steps", "12",
-               "--max-length", "32", "--batch-size", "8", "--no-progress"]
+               "--max-length", "32", "--batch-size", "8", "--attention-weight", "0.5", "--no-progress"]
     assert cli_main(command) == 0
 
     report = json.loads((out / "adaptation_report.json").read_text())
-    assert len(report["loss_curve"]) >= 1 and report["max_steps"] == 12
+    assert len(report["loss_curve"]) >= 1 and report["max_steps"] == 12 and report["attention_weight"] == 0.5
     assert report["after"]["distance"] < report["before"]["distance"]
-    assert "Adaptation" in (out / "README.md").read_text()
+    assert "hidden states and attention maps (weight 0.5)" in (out / "README.md").read_text()
     assert (out / "conversion_report.json").is_file()
     reloaded = RelPosBertForSequenceClassification.from_pretrained(out)
     assert reloaded.config.position_embedding_type == "alibi"
