@@ -253,6 +253,17 @@ def test_deberta_cache_follows_writes_through_data(tmp_path):
     torch.testing.assert_close(after, fresh, atol=0, rtol=0)
 
 
+def test_deberta_step_that_continues_a_kv_cache_reuses_the_kept_projections_unchecked(tmp_path):
+    save_reference(DebertaV2Model, deberta_config("v2"), tmp_path, seed=8)
+    encoding = load_converted(RelPosBertModel, tmp_path).eval().position_encoding
+    with torch.no_grad():
+        kept = encoding.position_projections(0, torch.float32)
+        encoding.pos_key_proj[0].weight.data.mul_(-1.0)
+        assert encoding.position_projections(0, torch.float32, continues_cache=True) is kept
+        recomputed = encoding.position_projections(0, torch.float32)
+    assert recomputed is not kept and not torch.equal(recomputed[0], kept[0])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # BERT v4 relative_key / relative_key_query -> ours
 # ---------------------------------------------------------------------------------------------------------------
