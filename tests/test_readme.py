@@ -5,26 +5,13 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import WITHOUT_HF_RELPOS
 
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-BLOCK_HF_RELPOS = textwrap.dedent(
-    """
-    import importlib.abc, sys
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_relpos" or name.startswith("hf_relpos."):
-                raise ImportError(f"{name} is blocked in this process")
-            return None
-
-    sys.meta_path.insert(0, Block())
-    """
-)
 
 
 def quickstart_blocks() -> list[str]:
@@ -49,7 +36,7 @@ def test_quickstart_has_the_encoder_the_remote_code_the_decoder_and_the_seq2seq_
 @pytest.mark.slow
 def test_quickstart_snippets_run_as_written(tmp_path):
     save, load_anywhere, decoder, seq2seq = quickstart_blocks()
-    for code in (save, BLOCK_HF_RELPOS + load_anywhere, decoder, seq2seq):
+    for code in (save, WITHOUT_HF_RELPOS + load_anywhere, decoder, seq2seq):
         result = run_python(code, tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "my-alibi-model" / "model.safetensors").exists()
