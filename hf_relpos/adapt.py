@@ -40,7 +40,8 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -128,12 +129,9 @@ def _collate(examples: list[list[int]], pad_token_id: int) -> dict[str, torch.Te
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def _hidden_states(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """The base model's hidden states after every layer (`hidden_states[1:]`), each `[batch, seq, hidden]`."""
-    return _base(model)(**batch, output_hidden_states=True).hidden_states[1:]
-
-
-def _states(model: PreTrainedModel, batch: dict[str, torch.Tensor], attentions: bool) -> tuple[tuple, tuple | None]:
+def _states(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], attentions: bool = False
+) -> tuple[tuple, tuple | None]:
     """The base model's hidden states after every layer, each `[batch, seq, hidden]`, and, with `attentions`, its
     attention probabilities of every layer, each `[batch, heads, seq, seq]`."""
     outputs = _base(model)(**batch, output_hidden_states=True, output_attentions=attentions)
@@ -170,6 +168,22 @@ def layer_distances(
     return torch.stack(distances)
 
 
+@contextmanager
+def _attention_kernel(models: Sequence[PreTrainedModel], kernel: str | None) -> Iterator[None]:
+    """Run `models` on the attention `kernel` (None: as they are), each restored to its own afterwards."""
+    if kernel is None:
+        yield
+        return
+    own = [model.config._attn_implementation for model in models]
+    try:
+        for model in models:
+            model.set_attn_implementation(kernel)
+        yield
+    finally:
+        for model, implementation in zip(models, own, strict=True):
+            model.set_attn_implementation(implementation)
+
+
 @torch.no_grad()
 def agreement(
     student: PreTrainedModel, teacher: PreTrainedModel, examples: list[list[int]], pad_token_id: int,
@@ -183,7 +197,7 @@ def agreement(
     per_layer, cosine, tokens = 0.0, 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = _collate(examples[start:start + batch_size], pad_token_id)
-        student_states, teacher_states = _hidden_states(student, batch), _hidden_states(teacher, batch)
+        student_states, teacher_states = _states(student, batch)[0], _states(teacher, batch)[0]
         count = int(batch["attention_mask"].sum())
         per_layer = per_layer + layer_distances(student_states, teacher_states, batch["attention_mask"]) * count
         similarity = torch.nn.functional.cosine_similarity(student_states[-1], teacher_states[-1], dim=-1)
@@ -284,51 +298,46 @@ def adapt(
     )
     report.before = agreement(student, teacher, eval_examples, pad_token_id)
 
-    attentions = attention_weight > 0
-    kernels = {model: model.config._attn_implementation for model in (student, teacher)}
-    if attentions:
-        for model in kernels:
-            model.set_attn_implementation("eager")
-    generator = torch.Generator().manual_seed(seed)
-    batches = _batches(train_examples, batch_size, pad_token_id, generator)
-    start = time.time()
-    student.eval()  # no dropout: the teacher runs without it, and the target is its exact hidden states
-    bar = tqdm(total=max_steps, desc="adapt", disable=not progress)
-    phases = [("encoding", encoding_steps, encoding_parameters, encoding_learning_rate),
-              ("all", max_steps - encoding_steps, list(_base(student).parameters()), learning_rate)]
-    step, running = 0, []
-    for phase, steps, parameters, peak in phases:
-        if steps == 0:
-            continue
-        student.requires_grad_(False)
-        for parameter in parameters:
-            parameter.requires_grad_(True)
-        optimizer = torch.optim.AdamW(parameters, lr=peak, weight_decay=0.0 if phase == "encoding" else 0.01)
-        schedule = get_linear_schedule_with_warmup(optimizer, math.ceil(steps * warmup_ratio), steps)
-        for _ in range(steps):
-            batch = next(batches)
-            with torch.no_grad():
-                teacher_states, teacher_attentions = _states(teacher, batch, attentions)
-            student_states, student_attentions = _states(student, batch, attentions)
-            loss = layer_distances(student_states, teacher_states, batch["attention_mask"]).mean()
-            if attentions:
-                divergence = attention_divergence(student_attentions, teacher_attentions, batch["attention_mask"])
-                loss = loss + attention_weight * divergence.mean()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            running.append(loss.detach().item())
-            bar.set_postfix(phase=phase, loss=f"{running[-1]:.4f}")
-            if step % log_every == 0 or step == max_steps:
-                report.loss_curve.append({"step": step, "phase": phase, "loss": sum(running) / len(running)})
-                running = []
-            bar.update()
-    bar.close()
-    for model, kernel in kernels.items():
-        model.set_attn_implementation(kernel)
+    attentions = attention_weight > 0  # the attention probabilities come from the eager kernel
+    with _attention_kernel((student, teacher), "eager" if attentions else None):
+        generator = torch.Generator().manual_seed(seed)
+        batches = _batches(train_examples, batch_size, pad_token_id, generator)
+        start = time.time()
+        student.eval()  # no dropout: the teacher runs without it, and the target is its exact hidden states
+        bar = tqdm(total=max_steps, desc="adapt", disable=not progress)
+        phases = [("encoding", encoding_steps, encoding_parameters, encoding_learning_rate),
+                  ("all", max_steps - encoding_steps, list(_base(student).parameters()), learning_rate)]
+        step, running = 0, []
+        for phase, steps, parameters, peak in phases:
+            if steps == 0:
+                continue
+            student.requires_grad_(False)
+            for parameter in parameters:
+                parameter.requires_grad_(True)
+            optimizer = torch.optim.AdamW(parameters, lr=peak, weight_decay=0.0 if phase == "encoding" else 0.01)
+            schedule = get_linear_schedule_with_warmup(optimizer, math.ceil(steps * warmup_ratio), steps)
+            for _ in range(steps):
+                batch = next(batches)
+                with torch.no_grad():
+                    teacher_states, teacher_attentions = _states(teacher, batch, attentions)
+                student_states, student_attentions = _states(student, batch, attentions)
+                loss = layer_distances(student_states, teacher_states, batch["attention_mask"]).mean()
+                if attentions:
+                    divergence = attention_divergence(student_attentions, teacher_attentions, batch["attention_mask"])
+                    loss = loss + attention_weight * divergence.mean()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                running.append(loss.detach().item())
+                bar.set_postfix(phase=phase, loss=f"{running[-1]:.4f}")
+                if step % log_every == 0 or step == max_steps:
+                    report.loss_curve.append({"step": step, "phase": phase, "loss": sum(running) / len(running)})
+                    running = []
+                bar.update()
+        bar.close()
     student.requires_grad_(True)
     report.seconds = time.time() - start
     report.after = agreement(student, teacher, eval_examples, pad_token_id)
