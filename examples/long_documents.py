@@ -125,7 +125,14 @@ def main(argv=None) -> dict:
 
     import numpy as np
     from datasets import Dataset
-    from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
 
     from examples.demo import minilm_path
     from hf_relpos import RelPosBertModel
@@ -157,9 +164,11 @@ def main(argv=None) -> dict:
           f"{len(held_out)} held-out passages of {args.passage_length} tokens; {len(unlabeled)} unlabeled "
           f"adaptation snippets of up to {args.adapt_length} tokens; torch threads: {torch.get_num_threads()}")
 
-    runs = {}
+    runs, adaptations = {}, {}  # name: (make_model, how many tokens of an input the model reads)
     if not args.no_original:
-        runs["absolute (original)"] = lambda: MeanPoolingClassifier(AutoModel.from_pretrained(source), len(texts))
+        table = AutoConfig.from_pretrained(source).max_position_embeddings
+        runs["absolute (original)"] = (
+            lambda: MeanPoolingClassifier(AutoModel.from_pretrained(source), len(texts)), table)
 
     def converted_and_adapted(encoding):
         def make_model():
@@ -173,21 +182,21 @@ def main(argv=None) -> dict:
             return MeanPoolingClassifier(model, len(texts))
         return make_model
 
-    adaptations = {}
     for encoding in args.position_embedding_type:
-        runs[f"{encoding} (converted{' + adapted' if args.adapt_steps else ''})"] = converted_and_adapted(encoding)
+        runs[f"{encoding} (converted{' + adapted' if args.adapt_steps else ''})"] = (
+            converted_and_adapted(encoding), args.passage_length)
 
     def truncate(row: list[int], limit: int) -> list[int]:
         return row if len(row) <= limit else [*row[: limit - 1], sep]
 
     results = {}
-    for name, make_model in runs.items():
+    labels = torch.tensor([label for _, label in held_out])
+    for name, (make_model, limit) in runs.items():
         print(f"\n=== {name} ===")
         torch.manual_seed(args.seed)
         start = time.time()
         model = make_model()
         prepare_seconds = time.time() - start
-        limit = model.encoder.config.max_position_embeddings if "original" in name else args.passage_length
         train_data = Dataset.from_dict({"input_ids": [truncate(row, limit) for row, _ in train_rows],
                                         "label": [label for _, label in train_rows]})
         training_args = TrainingArguments(
@@ -205,7 +214,6 @@ def main(argv=None) -> dict:
         with torch.no_grad():
             for length in args.eval_lengths:
                 inputs = torch.tensor([truncate([cls, *block[: length - 2], sep], limit) for block, _ in held_out])
-                labels = torch.tensor([label for _, label in held_out])
                 batch = max(1, 8192 // length)
                 predictions = torch.cat([model(input_ids=inputs[i:i + batch])["logits"].argmax(-1)
                                          for i in range(0, len(inputs), batch)])
