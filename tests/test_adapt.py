@@ -1,5 +1,6 @@
 """`hf_relpos.adapt`: distilling the absolute original into its converted copy on unlabeled text."""
 
+import itertools
 import json
 import math
 
@@ -17,7 +18,7 @@ from transformers import (
 
 import hf_relpos
 from hf_relpos import RelPosBertForSequenceClassification, RelPosGPTForCausalLM, RelPosLlamaForCausalLM
-from hf_relpos.adapt import agreement, attention_divergence, layer_distances, tokenize_texts
+from hf_relpos.adapt import _batches, agreement, attention_divergence, layer_distances, tokenize_texts
 from hf_relpos.cli import main as cli_main
 from hf_relpos.convert import convert_checkpoint, load_converted
 
@@ -100,6 +101,27 @@ def test_long_texts_are_split_into_windows_that_keep_every_token(tokenizer):
     assert all(len(ids) <= 10 and ids[0] == tokenizer.cls_token_id for ids in windows)
     inner = [i for ids in windows for i in ids[1:-1]]
     assert inner == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("group_by_length", [True, False])
+def test_one_pass_of_batches_holds_every_example_once(group_by_length):
+    examples = [[7] * length + [length] for length in range(1, 41)]
+    batches = _batches(examples, 4, 0, torch.Generator().manual_seed(0), group_by_length)
+    seen = [row[mask.bool()].tolist() for batch in itertools.islice(batches, 10)
+            for row, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
+    assert sorted(seen) == sorted(examples)
+
+
+def test_length_grouped_batches_pad_less_than_shuffled_ones():
+    lengths = torch.randint(1, 64, (400,), generator=torch.Generator().manual_seed(0)).tolist()
+    examples = [[1] * length for length in lengths]
+
+    def padding(group_by_length):
+        batches = _batches(examples, 16, 0, torch.Generator().manual_seed(0), group_by_length)
+        masks = [batch["attention_mask"] for batch in itertools.islice(batches, 25)]
+        return sum(int((mask == 0).sum()) for mask in masks) / sum(mask.numel() for mask in masks)
+
+    assert padding(True) < padding(False) / 2
 
 
 def test_a_student_that_is_the_absolute_original_has_zero_distance(bert_dir, tokenizer):
@@ -185,11 +207,12 @@ def test_cli_writes_the_adapted_model_its_report_and_card_and_refuses_a_non_empt
     text_file.write_text("\n".join(sentences(120, seed=8)))
     out = tmp_path / "adapted"
     command = ["adapt", bert_dir, str(converted), str(out), "--text-file", str(text_file), "--max-steps", "12",
-               "--max-length", "32", "--batch-size", "8", "--attention-weight", "0.5", "--no-progress"]
+               "--max-length", "32", "--batch-size", "8", "--attention-weight", "0.5", "--no-group-by-length", "--no-progress"]
     assert cli_main(command) == 0
 
     report = json.loads((out / "adaptation_report.json").read_text())
     assert len(report["loss_curve"]) >= 1 and report["max_steps"] == 12 and report["attention_weight"] == 0.5
+    assert report["group_by_length"] is False
     assert report["after"]["distance"] < report["before"]["distance"]
     assert "hidden states and attention maps (weight 0.5)" in (out / "README.md").read_text()
     assert (out / "conversion_report.json").is_file()
