@@ -207,7 +207,8 @@ def test_cli_writes_the_adapted_model_its_report_and_card_and_refuses_a_non_empt
     text_file.write_text("\n".join(sentences(120, seed=8)))
     out = tmp_path / "adapted"
     command = ["adapt", bert_dir, str(converted), str(out), "--text-file", str(text_file), "--max-steps", "12",
-               "--max-length", "32", "--batch-size", "8", "--attention-weight", "0.5", "--no-group-by-length", "--no-progress"]
+               "--max-length", "32", "--batch-size", "8", "--attention-weight", "0.5", "--no-group-by-length",
+               "--no-progress"]
     assert cli_main(command) == 0
 
     report = json.loads((out / "adaptation_report.json").read_text())
