@@ -891,6 +891,9 @@ class DisentangledEncoding(PositionEncoding):
         self.position_buckets = config.position_buckets
         self.max_relative_positions = config.max_relative_positions
         self.span = self.position_buckets if self.position_buckets > 0 else self.max_relative_positions
+        # A causal model reads only the rows of keys `j <= i`, `span + bucket(i - j)`: the upper half of the table
+        # (later keys are masked, and read its first row).
+        self.first_row = self.span if causal else 0
         self.log_ratio = (
             log_bucket_ratio(self.position_buckets, self.max_relative_positions) if self.position_buckets > 0 else None
         )
@@ -957,12 +960,13 @@ class DisentangledEncoding(PositionEncoding):
         return state
 
     def distance_index(self, query_position: torch.Tensor, key_position: torch.Tensor) -> torch.Tensor:
-        """Rows of the relative table, `bucket(i - j) + span` clamped to the table, elementwise."""
+        """Rows of the projected tables, `bucket(i - j) + span` clamped to the relative table, counted from its
+        `first_row`, elementwise."""
         relative = query_position - key_position
         if self.position_buckets > 0:
             relative = make_log_bucket_position(relative, self.position_buckets, self.max_relative_positions,
                                                 self.log_ratio)
-        return (relative + self.span).clamp(0, 2 * self.span - 1)
+        return (relative + self.span).clamp(self.first_row, 2 * self.span - 1) - self.first_row
 
     def relative_index(self, state: PositionState, rows: slice = slice(None)) -> torch.Tensor:
         """`distance_index` of the queries in `rows` and every key, `[batch, len(rows), k_len]`. It depends on
@@ -994,7 +998,8 @@ class DisentangledEncoding(PositionEncoding):
     def position_projections(
         self, layer_idx: int, dtype: torch.dtype, continues_cache: bool = False
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """`Kr` and `Qr` of one layer, `[heads, 2 span, head_dim]` each (None for a term not in `pos_att_type`).
+        """`Kr` and `Qr` of one layer, `[heads, rows, head_dim]` each (None for a term not in `pos_att_type`), of the
+        relative table's rows from `first_row` (`rows = 2 span - first_row`).
 
         They depend on parameters only, so without autograd (inference, generation) they are kept while the
         parameters they come from hold the same values: a decode step would otherwise project the whole table in
@@ -1015,9 +1020,9 @@ class DisentangledEncoding(PositionEncoding):
                       *(p for module in modules if module is not None for p in module.parameters())]
         if fresh and all(map(same_values, kept[1], parameters)):
             return kept[2]
-        relative = self.rel_embeddings.weight
+        relative = self.rel_embeddings.weight[self.first_row:]
         relative = (relative if self.LayerNorm is None else self.LayerNorm(relative)).to(dtype)
-        heads = (2 * self.span, self.num_heads, self.head_dim)
+        heads = (2 * self.span - self.first_row, self.num_heads, self.head_dim)
         projections = tuple(None if module is None else module(relative).view(heads).transpose(0, 1)
                             for module in modules)
         if keep:
@@ -1025,8 +1030,8 @@ class DisentangledEncoding(PositionEncoding):
         return projections
 
     def distance_scores(self, query: torch.Tensor, key: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, ...]:
-        """The tables of the terms in `pos_att_type`, scaled: `q . Kr` `[batch, heads, q_len, 2 span]` (c2p) and
-        `k . Qr` `[batch, heads, k_len, 2 span]` (p2c)."""
+        """The tables of the terms in `pos_att_type`, scaled: `q . Kr` `[batch, heads, q_len, rows]` (c2p) and
+        `k . Qr` `[batch, heads, k_len, rows]` (p2c)."""
         pos_key, pos_query = self.position_projections(layer_idx, query.dtype)
         scale = self.scaling(query.shape[-1])
         tables = ()
@@ -1049,18 +1054,16 @@ class DisentangledEncoding(PositionEncoding):
 
     def bias(self, query, key, state, layer_idx):
         pos_key, pos_query = self.position_projections(layer_idx, query.dtype, key.shape[2] > query.shape[2])
-        if query.shape[2] * query.shape[-1] <= 2 * self.span:
-            # Few queries (a decode step): `k_j . Qr_d` for the pairs present, O(k_len d), instead of every cached
-            # key against every row of the table, O(k_len 2 span d). A causal step reads only the rows of keys
-            # `j <= i`, `span + bucket(i - j)`: the upper half of each table (later keys are masked).
-            first = self.span if self.causal else 0
-            scale, index = self.scaling(query.shape[-1]), (state.tables["index"] - first).clamp(min=0)
+        if query.shape[2] * query.shape[-1] <= 2 * self.span - self.first_row:
+            # Few queries (a decode step): `k_j . Qr_d` for the pairs present, O(q_len k_len d), instead of every
+            # cached key against every row of the table, O(k_len rows d).
+            scale, index = self.scaling(query.shape[-1]), state.tables["index"]
             bias = 0
             if pos_key is not None:
-                bias = gather_relative(torch.matmul(query, pos_key[:, first:].transpose(-1, -2)), index)
+                bias = gather_relative(torch.matmul(query, pos_key.transpose(-1, -2)), index)
             if pos_query is not None:
-                # `pos_query` is a view of the `[2 span, heads, d]` projection: its rows are contiguous there.
-                bias = bias + key_pair_scores(key, pos_query[:, first:].transpose(0, 1), index)
+                # `pos_query` is a view of the `[rows, heads, d]` projection: its rows are contiguous there.
+                bias = bias + key_pair_scores(key, pos_query.transpose(0, 1), index)
             return bias * scale
         return self.bias_rows(self.bias_tables(query, key, state, layer_idx), state)
 

@@ -314,6 +314,24 @@ def test_deberta_relative_positions_equal_transformers(position_buckets, max_rel
     assert torch.equal(index, (reference + span).clamp(0, 2 * span - 1))
 
 
+@pytest.mark.parametrize("position_buckets,max_relative_positions", [(8, 16), (0, 6)])
+def test_causal_deberta_gives_earlier_keys_the_bias_of_the_bidirectional_one(seed, position_buckets,
+                                                                                max_relative_positions):
+    # A causal encoding projects only the upper half of the relative table, the rows of keys j <= i.
+    sizes = dict(position_buckets=position_buckets, max_relative_positions=max_relative_positions)
+    causal, _ = make_encoding("deberta", causal=True, **sizes)
+    bidirectional, _ = make_encoding("deberta", **sizes)
+    bidirectional.load_state_dict(causal.state_dict())
+    kpos = positions(2, 30, offset=4)
+    q, key = qk(2, 30, 30)
+    earlier = (kpos[:, None, :] <= kpos[:, :, None])[:, None].expand(2, HEADS, 30, 30)
+
+    got = causal.bias(q, key, causal.prepare(kpos, kpos, torch.float32), 1)
+    expected = bidirectional.bias(q, key, bidirectional.prepare(kpos, kpos, torch.float32), 1)
+
+    torch.testing.assert_close(got[earlier], expected[earlier])
+
+
 def test_deberta_bias_is_c2p_plus_p2c(seed):
     encoding, config = make_encoding("deberta", position_buckets=8, max_relative_positions=16)
     span = 8
