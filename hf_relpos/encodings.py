@@ -735,9 +735,9 @@ def gather_relative_keys(scores: torch.Tensor, index: torch.Tensor) -> torch.Ten
 
 def key_pair_scores(key: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """`out[b, h, i, j] = key[b, h, j] . rows[index[b, i, j], h]`, for few queries (a decode step): the table rows
-    of the pairs present are copied whole (`index_select`, several times faster than advanced indexing here) and
-    multiplied with their keys. `key` `[batch, heads, k_len, d]`, `rows` `[n, d]` (shared by the heads) or
-    `[n, heads, d]`, `index` `[batch, q_len, k_len]`. Returns `[batch, heads, q_len, k_len]`.
+    of the pairs present are copied whole (`index_select` of the table's 2D view, several times faster than advanced
+    indexing here) and multiplied with their keys. `key` `[batch, heads, k_len, d]`, `rows` `[n, d]` (shared by the
+    heads) or `[n, heads, d]`, `index` `[batch, q_len, k_len]`. Returns `[batch, heads, q_len, k_len]`.
 
     No `[batch, heads, q_len, k_len, d]` product is allocated beside the copied rows: at GPT-2 small's widths each
     such temporary (0.4 MB per layer and step) cost more in fresh memory pages than its arithmetic."""
