@@ -735,13 +735,19 @@ def gather_relative_keys(scores: torch.Tensor, index: torch.Tensor) -> torch.Ten
 
 def key_pair_scores(key: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """`out[b, h, i, j] = key[b, h, j] . rows[index[b, i, j], h]`, for few queries (a decode step): the table rows
-    of the pairs present are copied whole (`index_select`, several times faster than advanced indexing here) and
-    multiplied with their keys. `key` `[batch, heads, k_len, d]`, `rows` `[n, d]` (shared by the heads) or
-    `[n, heads, d]`, `index` `[batch, q_len, k_len]`. Returns `[batch, heads, q_len, k_len]`."""
-    pairs = rows.index_select(0, index.reshape(-1)).view(*index.shape, *rows.shape[1:])
+    of the pairs present are copied whole (`index_select` of the table's 2D view, several times faster than advanced
+    indexing here) and multiplied with their keys. `key` `[batch, heads, k_len, d]`, `rows` `[n, d]` (shared by the
+    heads) or `[n, heads, d]`, `index` `[batch, q_len, k_len]`. Returns `[batch, heads, q_len, k_len]`.
+
+    No `[batch, heads, q_len, k_len, d]` product is allocated beside the copied rows: at GPT-2 small's widths each
+    such temporary (0.4 MB per layer and step) cost more in fresh memory pages than its arithmetic."""
+    index = index.expand(key.shape[0], -1, -1)
+    pairs = rows.flatten(1).index_select(0, index.reshape(-1)).view(*index.shape, *rows.shape[1:])
     if rows.dim() == 2:
-        return (key[:, :, None] * pairs[:, None]).sum(-1)
-    return (key.transpose(1, 2)[:, None] * pairs).sum(-1).permute(0, 3, 1, 2)
+        # `[batch, k_len, heads, d] @ [batch, k_len, d, q_len]`: one small matmul per key.
+        return torch.matmul(key.transpose(1, 2), pairs.permute(0, 2, 3, 1)).permute(0, 2, 3, 1)
+    # The copied rows are this call's own, so they take the product in place.
+    return pairs.mul_(key.transpose(1, 2)[:, None]).sum(-1).permute(0, 3, 1, 2)
 
 
 class RelativeKeyEncoding(PositionEncoding):
@@ -806,8 +812,7 @@ class RelativeKeyEncoding(PositionEncoding):
             # Few queries (a decode step): `k_j . r` for the pairs present, O(k_len d), not every cached key against
             # every row, O(k_len (2k + 1) d).
             table, scale, index = table.to(query.dtype), self.scaling(query.shape[-1]), self.relative_index(state)
-            bias = gather_relative(torch.matmul(query, table.T) * scale, index)
-            return bias + key_pair_scores(key, table, index) * scale
+            return (gather_relative(torch.matmul(query, table.T), index) + key_pair_scores(key, table, index)) * scale
         return self.bias_rows(self.bias_tables(query, key, state, layer_idx), state)
 
     def score_mod(self, query, key, state, layer_idx):
@@ -886,6 +891,9 @@ class DisentangledEncoding(PositionEncoding):
         self.position_buckets = config.position_buckets
         self.max_relative_positions = config.max_relative_positions
         self.span = self.position_buckets if self.position_buckets > 0 else self.max_relative_positions
+        # A causal model reads only the rows of keys `j <= i`, `span + bucket(i - j)`: the upper half of the table
+        # (later keys are masked, and read its first row).
+        self.first_row = self.span if causal else 0
         self.log_ratio = (
             log_bucket_ratio(self.position_buckets, self.max_relative_positions) if self.position_buckets > 0 else None
         )
@@ -952,12 +960,13 @@ class DisentangledEncoding(PositionEncoding):
         return state
 
     def distance_index(self, query_position: torch.Tensor, key_position: torch.Tensor) -> torch.Tensor:
-        """Rows of the relative table, `bucket(i - j) + span` clamped to the table, elementwise."""
+        """Rows of the projected tables, `bucket(i - j) + span` clamped to the relative table, counted from its
+        `first_row`, elementwise."""
         relative = query_position - key_position
         if self.position_buckets > 0:
             relative = make_log_bucket_position(relative, self.position_buckets, self.max_relative_positions,
                                                 self.log_ratio)
-        return (relative + self.span).clamp(0, 2 * self.span - 1)
+        return (relative + self.span).clamp(self.first_row, 2 * self.span - 1) - self.first_row
 
     def relative_index(self, state: PositionState, rows: slice = slice(None)) -> torch.Tensor:
         """`distance_index` of the queries in `rows` and every key, `[batch, len(rows), k_len]`. It depends on
@@ -989,7 +998,8 @@ class DisentangledEncoding(PositionEncoding):
     def position_projections(
         self, layer_idx: int, dtype: torch.dtype, continues_cache: bool = False
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """`Kr` and `Qr` of one layer, `[heads, 2 span, head_dim]` each (None for a term not in `pos_att_type`).
+        """`Kr` and `Qr` of one layer, `[heads, rows, head_dim]` each (None for a term not in `pos_att_type`), of the
+        relative table's rows from `first_row` (`rows = 2 span - first_row`).
 
         They depend on parameters only, so without autograd (inference, generation) they are kept while the
         parameters they come from hold the same values: a decode step would otherwise project the whole table in
@@ -1000,18 +1010,19 @@ class DisentangledEncoding(PositionEncoding):
         step at GPT-2 small's widths (11 ms of 12 layers' parameters). A compiled graph computes them.
         """
         keep = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        kept = self._projections.get(layer_idx) if keep else None
+        fresh = kept is not None and kept[0] == dtype
+        if fresh and continues_cache:
+            return kept[2]
         modules = self.projection_modules(layer_idx)
         norm = () if self.LayerNorm is None else tuple(self.LayerNorm.parameters())
         parameters = [self.rel_embeddings.weight, *norm,
                       *(p for module in modules if module is not None for p in module.parameters())]
-        if keep:
-            kept = self._projections.get(layer_idx)
-            fresh = kept is not None and kept[0] == dtype
-            if fresh and (continues_cache or all(map(same_values, kept[1], parameters))):
-                return kept[2]
-        relative = self.rel_embeddings.weight
+        if fresh and all(map(same_values, kept[1], parameters)):
+            return kept[2]
+        relative = self.rel_embeddings.weight[self.first_row:]
         relative = (relative if self.LayerNorm is None else self.LayerNorm(relative)).to(dtype)
-        heads = (2 * self.span, self.num_heads, self.head_dim)
+        heads = (2 * self.span - self.first_row, self.num_heads, self.head_dim)
         projections = tuple(None if module is None else module(relative).view(heads).transpose(0, 1)
                             for module in modules)
         if keep:
@@ -1019,8 +1030,8 @@ class DisentangledEncoding(PositionEncoding):
         return projections
 
     def distance_scores(self, query: torch.Tensor, key: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, ...]:
-        """The tables of the terms in `pos_att_type`, scaled: `q . Kr` `[batch, heads, q_len, 2 span]` (c2p) and
-        `k . Qr` `[batch, heads, k_len, 2 span]` (p2c)."""
+        """The tables of the terms in `pos_att_type`, scaled: `q . Kr` `[batch, heads, q_len, rows]` (c2p) and
+        `k . Qr` `[batch, heads, k_len, rows]` (p2c)."""
         pos_key, pos_query = self.position_projections(layer_idx, query.dtype)
         scale = self.scaling(query.shape[-1])
         tables = ()
@@ -1043,17 +1054,17 @@ class DisentangledEncoding(PositionEncoding):
 
     def bias(self, query, key, state, layer_idx):
         pos_key, pos_query = self.position_projections(layer_idx, query.dtype, key.shape[2] > query.shape[2])
-        if query.shape[2] * query.shape[-1] <= 2 * self.span:
-            # Few queries (a decode step): `k_j . Qr_d` for the pairs present, O(k_len d), instead of every cached
-            # key against every row of the table, O(k_len 2 span d).
+        if query.shape[2] * query.shape[-1] <= 2 * self.span - self.first_row:
+            # Few queries (a decode step): `k_j . Qr_d` for the pairs present, O(q_len k_len d), instead of every
+            # cached key against every row of the table, O(k_len rows d).
             scale, index = self.scaling(query.shape[-1]), state.tables["index"]
             bias = 0
             if pos_key is not None:
-                bias = gather_relative(torch.matmul(query, pos_key.transpose(-1, -2)) * scale, index)
+                bias = gather_relative(torch.matmul(query, pos_key.transpose(-1, -2)), index)
             if pos_query is not None:
-                # `pos_query` is a view of the `[2 span, heads, d]` projection: its rows are contiguous there.
-                bias = bias + key_pair_scores(key, pos_query.transpose(0, 1), index) * scale
-            return bias
+                # `pos_query` is a view of the `[rows, heads, d]` projection: its rows are contiguous there.
+                bias = bias + key_pair_scores(key, pos_query.transpose(0, 1), index)
+            return bias * scale
         return self.bias_rows(self.bias_tables(query, key, state, layer_idx), state)
 
     def score_mod(self, query, key, state, layer_idx):

@@ -213,11 +213,12 @@ def test_fire_bias_is_mlp_of_log_normalised_distance(seed):
     torch.testing.assert_close(got.expand_as(expected), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("name", ["relative_key_query", "deberta"])
-def test_decode_step_bias_from_key_pairs_equals_the_table_bias(seed, name):
-    # A decode step scores each cached key against its own table row only; the general path scores every key
-    # against every row and gathers. Both must give the same bias.
-    encoding, _ = make_encoding(name)
+def test_decode_step_bias_from_key_pairs_equals_the_table_bias(seed, name, causal):
+    # A decode step scores each cached key against its own table row only (a causal one reads only the rows of
+    # earlier keys); the general path scores every key against every row and gathers. Both must give the same bias.
+    encoding, _ = make_encoding(name, causal=causal)
     with torch.no_grad():
         for parameter in encoding.parameters():
             parameter.normal_()
@@ -230,6 +231,38 @@ def test_decode_step_bias_from_key_pairs_equals_the_table_bias(seed, name):
     expected = encoding.bias_rows(encoding.bias_tables(query, key, state, 0), state)
 
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("name", ["relative_key_query", "deberta"])
+def test_decode_step_bias_from_key_pairs_has_the_gradients_of_the_elementwise_formula(seed, name):
+    # The key-pair path multiplies its copied table rows in place; autograd must still see every factor. The
+    # reference reads each pair's row by advanced indexing and sums the products without any in-place write.
+    encoding, _ = make_encoding(name)
+    key_positions = positions(2, 12)
+    query_positions = key_positions[:, -2:]
+    query = torch.randn(2, HEADS, 2, HEAD_DIM, requires_grad=True)
+    key = torch.randn(2, HEADS, 12, HEAD_DIM, requires_grad=True)
+    state = encoding.prepare(query_positions, key_positions, torch.float32)
+    index = state.tables["index"]
+    if name == "deberta":
+        pos_key, pos_query = encoding.position_projections(0, torch.float32)
+        rows = {"query": pos_key.transpose(0, 1)[index], "key": pos_query.transpose(0, 1)[index]}  # [b, i, j, h, d]
+        table = encoding.rel_embeddings.weight
+    else:
+        table = encoding.distance_embedding[0].weight
+        rows = {"query": table[index][:, :, :, None], "key": table[index][:, :, :, None]}
+    scale = encoding.scaling(HEAD_DIM)
+    expected = ((query.transpose(1, 2)[:, :, None] * rows["query"]).sum(-1)
+                + (key.transpose(1, 2)[:, None] * rows["key"]).sum(-1)).permute(0, 3, 1, 2) * scale
+    weights = torch.randn_like(expected)
+    inputs = (query, key, table)
+
+    got = encoding.bias(query, key, state, 0)
+
+    torch.testing.assert_close(got, expected)
+    for ours, theirs in zip(torch.autograd.grad((got * weights).sum(), inputs),
+                            torch.autograd.grad((expected * weights).sum(), inputs), strict=True):
+        torch.testing.assert_close(ours, theirs)
 
 
 def test_fire_piecewise_linear_form_equals_its_mlp_in_value_and_gradient(seed):
@@ -279,6 +312,24 @@ def test_deberta_relative_positions_equal_transformers(position_buckets, max_rel
     )
     span = position_buckets if position_buckets > 0 else max_relative_positions
     assert torch.equal(index, (reference + span).clamp(0, 2 * span - 1))
+
+
+@pytest.mark.parametrize("position_buckets,max_relative_positions", [(8, 16), (0, 6)])
+def test_causal_deberta_gives_earlier_keys_the_bias_of_the_bidirectional_one(seed, position_buckets,
+                                                                                max_relative_positions):
+    # A causal encoding projects only the upper half of the relative table, the rows of keys j <= i.
+    sizes = dict(position_buckets=position_buckets, max_relative_positions=max_relative_positions)
+    causal, _ = make_encoding("deberta", causal=True, **sizes)
+    bidirectional, _ = make_encoding("deberta", **sizes)
+    bidirectional.load_state_dict(causal.state_dict())
+    kpos = positions(2, 30, offset=4)
+    q, key = qk(2, 30, 30)
+    earlier = (kpos[:, None, :] <= kpos[:, :, None])[:, None].expand(2, HEADS, 30, 30)
+
+    got = causal.bias(q, key, causal.prepare(kpos, kpos, torch.float32), 1)
+    expected = bidirectional.bias(q, key, bidirectional.prepare(kpos, kpos, torch.float32), 1)
+
+    torch.testing.assert_close(got[earlier], expected[earlier])
 
 
 def test_deberta_bias_is_c2p_plus_p2c(seed):
