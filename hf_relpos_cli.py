@@ -333,7 +333,7 @@ def _add_adapt(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-steps", type=int, default=600)
     parser.add_argument("--max-length", type=int, default=128, help="tokens per window; longer lines are split")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--attention-weight", type=float,
                         help="weight of the attention-map term, 0 for hidden states only (default: hf_relpos.adapt's)")
     parser.add_argument("--no-group-by-length", action="store_true",

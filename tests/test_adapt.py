@@ -187,6 +187,16 @@ def test_the_encoding_phase_trains_only_the_encodings_parameters(bert_dir):
     assert len(encoding) == 1 and len(changed) == 1 and changed[0] is encoding[0]
 
 
+def test_the_encodings_parameters_keep_their_own_rate_when_everything_trains(bert_dir):
+    student = load_converted(RelPosBertForSequenceClassification, bert_dir, "t5", num_labels=2)
+    before = {name: parameter.clone() for name, parameter in student.named_parameters()}
+    hf_relpos.adapt(bert_dir, student, sentences(64, seed=4), held_out=sentences(8, seed=5), max_steps=3,
+                    encoding_steps=0, learning_rate=0.0, encoding_learning_rate=1e-2, batch_size=8, max_length=32,
+                    progress=False)
+    changed = [parameter for name, parameter in student.named_parameters() if not torch.equal(parameter, before[name])]
+    assert len(changed) == 1 and changed[0] is student.bert.position_encoding.relative_attention_bias
+
+
 @pytest.mark.parametrize(("layout", "model_class", "encoding"), [
     ("gpt2", RelPosGPTForCausalLM, "rope"), ("llama", RelPosLlamaForCausalLM, "alibi"),
 ])
