@@ -338,6 +338,8 @@ def _add_adapt(subparsers: argparse._SubParsersAction) -> None:
                         help="weight of the attention-map term, 0 for hidden states only (default: hf_relpos.adapt's)")
     parser.add_argument("--no-group-by-length", action="store_true",
                         help="batch texts in random order (default: texts of similar length together, less padding)")
+    parser.add_argument("--no-dropout", action="store_true",
+                        help="run the student without dropout (default: with it, as fine-tuning will)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     parser.add_argument("--no-progress", action="store_true")
@@ -355,7 +357,8 @@ def _run_adapt(args: argparse.Namespace) -> int:
     report = adapt_checkpoint(
         args.original, args.converted, args.output, text_file=args.text_file, max_steps=args.max_steps,
         max_length=args.max_length, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
-        group_by_length=not args.no_group_by_length, overwrite=args.overwrite, **weights, progress=not args.no_progress,
+        group_by_length=not args.no_group_by_length, dropout=not args.no_dropout, overwrite=args.overwrite, **weights,
+        progress=not args.no_progress,
     )
     print(report)
     print(f"Saved the adapted model to {args.output}")

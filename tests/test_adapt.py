@@ -197,6 +197,31 @@ def test_the_encodings_parameters_keep_their_own_rate_when_everything_trains(ber
     assert len(changed) == 1 and changed[0] is student.bert.position_encoding.relative_attention_bias
 
 
+@pytest.mark.parametrize("dropout", [True, False])
+def test_the_student_distils_with_its_dropout_on_only_when_asked(bert_dir, dropout):
+    student = load_converted(RelPosBertForSequenceClassification, bert_dir, "alibi", num_labels=2)
+    modes = []  # whether a dropout layer of the student ran in training mode, at every call
+    dropout_layer = student.bert.encoder.layer[0].output.dropout
+    dropout_layer.register_forward_hook(lambda module, *_: modes.append(module.training))
+    _, report = hf_relpos.adapt(bert_dir, student, sentences(64, seed=4), held_out=sentences(8, seed=5), max_steps=3,
+                                batch_size=8, max_length=32, dropout=dropout, progress=False)
+    assert (True in modes) is dropout and report.dropout is dropout
+    assert not student.training  # returned ready for inference either way
+
+
+def test_the_seed_fixes_the_dropout_masks_and_leaves_the_callers_random_state_alone(bert_dir):
+    teacher, students = load_converted("base", bert_dir), []
+    for _ in range(2):
+        student = load_converted(RelPosBertForSequenceClassification, bert_dir, "alibi", num_labels=2)
+        state = torch.get_rng_state()
+        hf_relpos.adapt(teacher, student, sentences(64, seed=4), held_out=sentences(8, seed=5), max_steps=3,
+                        tokenizer=bert_dir, batch_size=8, max_length=32, seed=7, progress=False)
+        assert torch.equal(torch.get_rng_state(), state)
+        torch.rand(5)  # a different global state before the second run
+        students.append(student.bert.encoder.state_dict())  # its pooler and head were drawn from the caller's state
+    assert all(torch.equal(students[0][name], students[1][name]) for name in students[0])
+
+
 @pytest.mark.parametrize(("layout", "model_class", "encoding"), [
     ("gpt2", RelPosGPTForCausalLM, "rope"), ("llama", RelPosLlamaForCausalLM, "alibi"),
 ])
@@ -223,9 +248,10 @@ def test_cli_writes_the_adapted_model_its_report_and_card_and_refuses_a_non_empt
 
     report = json.loads((out / "adaptation_report.json").read_text())
     assert len(report["loss_curve"]) >= 1 and report["max_steps"] == 12 and report["attention_weight"] == 0.5
-    assert report["group_by_length"] is False
+    assert report["group_by_length"] is False and report["dropout"] is True
     assert report["after"]["distance"] < report["before"]["distance"]
     assert "hidden states and attention maps (weight 0.5)" in (out / "README.md").read_text()
+    assert "with the student's dropout on" in (out / "README.md").read_text()
     assert (out / "conversion_report.json").is_file()
     reloaded = RelPosBertForSequenceClassification.from_pretrained(out)
     assert reloaded.config.position_embedding_type == "alibi"
