@@ -164,9 +164,8 @@ def _adaptation_line(report: dict) -> str:
     dropout = " with the student's dropout on" if report.get("dropout") else ""
     return (f"- Adaptation before fine-tuning (`hf_relpos.adapt`): the {targets} of `{report['teacher']}` "
             f"distilled on {text}, "
-            f"{report['max_steps']} steps of {report['batch_size']} x up to {report['max_length']} tokens"
-            f"{dropout}; held-out "
-            f"hidden-state distance to the teacher {report['before']['distance']:.3f} -> "
+            f"{report['max_steps']} steps of {report['batch_size']} x up to {report['max_length']} tokens{dropout}; "
+            f"held-out hidden-state distance to the teacher {report['before']['distance']:.3f} -> "
             f"{report['after']['distance']:.3f}, last-layer cosine {report['before']['cosine']:.3f} -> "
             f"{report['after']['cosine']:.3f}")
 
