@@ -57,9 +57,14 @@ from hf_relpos import (  # noqa: E402
 )
 
 
-# Model size: small enough for many repetitions at 2048 tokens on two CPU cores, the same for every model.
-HIDDEN, HEADS, LAYERS, FFN, VOCAB = 256, 4, 2, 1024, 8192
-GENERATION_SIZES = {"default": (HIDDEN, HEADS, LAYERS), "gpt2": (768, 12, 12)}
+# Model size (`--size`): small enough for many repetitions at 2048 tokens on two CPU cores, the same for every
+# model; `base` is BERT-base's widths, for a GPU.
+SIZES = {"small": (256, 4, 2, 1024), "base": (768, 12, 12, 3072)}
+(HIDDEN, HEADS, LAYERS, FFN), VOCAB = SIZES["small"], 8192
+# Where the models run (`--device`, `--dtype`, `--batch` of the train section): CPU, fp32, batch 1 unless told.
+DEVICE, DTYPE, BATCH = torch.device("cpu"), torch.float32, 1
+# The generation section's widths: `--size`'s (default) or GPT-2 small's.
+GENERATION_SIZES = {"gpt2": (768, 12, 12)}
 # transformers' own model of the same encoding.
 ANCHOR_OF = {"t5": "T5EncoderModel", "deberta": "DebertaV2Model", "rope": "RoFormerModel", "alibi": "BloomModel"}
 CONTENT_ENCODINGS = ("relative_key", "relative_key_query", "deberta")
@@ -76,8 +81,37 @@ MiB = 2**20
 
 # --------------------------------------------------------------------------------------------------- measurement
 
+def configure(size: str, device: str, dtype: str, batch: int) -> None:
+    """Set the model size, device, dtype and train batch that every section reads."""
+    global HIDDEN, HEADS, LAYERS, FFN, DEVICE, DTYPE, BATCH
+    (HIDDEN, HEADS, LAYERS, FFN), DEVICE, DTYPE, BATCH = SIZES[size], torch.device(device), getattr(torch, dtype), batch
+
+
+def placed(model):
+    """`model` on the configured device, its floating-point weights in the configured dtype."""
+    return model.to(device=DEVICE, dtype=DTYPE)
+
+
+def token_ids(length: int, batch: int = 1) -> torch.Tensor:
+    return torch.randint(5, VOCAB, (batch, length), device=DEVICE)
+
+
+def synchronize() -> None:
+    """Wait for the device's queued kernels, so that a host clock times them (CUDA runs asynchronously)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def peak_bytes(fn: Callable[[], object]) -> int:
-    """High-water mark of tensor bytes allocated (net of frees) while `fn` runs, from profiler memory events."""
+    """High-water mark of tensor bytes allocated (net of frees) while `fn` runs: CUDA's allocator statistics on a
+    GPU, profiler memory events on CPU (which has no `max_memory_allocated`)."""
+    if DEVICE.type == "cuda":
+        synchronize()
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        before = torch.cuda.memory_allocated(DEVICE)
+        fn()
+        synchronize()
+        return torch.cuda.max_memory_allocated(DEVICE) - before
     sys.stderr.flush()
     saved = os.dup(2)
     with open(os.devnull, "w") as devnull:
@@ -109,8 +143,10 @@ def paired(baseline: str, fns: dict[str, Callable[[], object]], reps: int, label
 
     def timed(name):
         gc.collect()
+        synchronize()
         t0 = time.perf_counter()
         fns[name]()
+        synchronize()
         seconds = time.perf_counter() - t0
         raw[name].append(seconds)
         return seconds
@@ -140,7 +176,7 @@ def relpos_encoder(encoding: str, kernel: str, max_len: int):
         num_hidden_layers=LAYERS, intermediate_size=FFN, max_position_embeddings=max_len,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
-    return RelPosBertModel._from_config(config, attn_implementation=kernel)
+    return placed(RelPosBertModel._from_config(config, attn_implementation=kernel))
 
 
 def anchor_model(name: str, max_len: int):
@@ -152,7 +188,7 @@ def anchor_model(name: str, max_len: int):
             hidden_size=HIDDEN, num_attention_heads=HEADS, num_hidden_layers=LAYERS, intermediate_size=FFN,
             max_position_embeddings=max_len, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common,
         )
-        return transformers.BertModel._from_config(config, attn_implementation=kernel), kernel
+        return placed(transformers.BertModel._from_config(config, attn_implementation=kernel)), kernel
     if name == "T5EncoderModel":
         config = transformers.T5Config(
             d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=FFN, num_heads=HEADS, num_layers=LAYERS, dropout_rate=0.0,
@@ -182,7 +218,7 @@ def anchor_model(name: str, max_len: int):
     else:
         raise KeyError(name)
     kernel = "sdpa" if cls._supports_sdpa else "eager"
-    return cls._from_config(config, attn_implementation=kernel), kernel
+    return placed(cls._from_config(config, attn_implementation=kernel)), kernel
 
 
 def xtransformers_encoder(encoding: str, max_len: int):
@@ -193,8 +229,8 @@ def xtransformers_encoder(encoding: str, max_len: int):
     flags = XTRANSFORMERS_ENCODINGS[encoding]
     layers = Encoder(dim=HIDDEN, depth=LAYERS, heads=HEADS, attn_dim_head=HIDDEN // HEADS, ff_mult=FFN // HIDDEN,
                      attn_flash="rel_pos_bias" not in flags, **flags)
-    return TransformerWrapper(num_tokens=VOCAB, max_seq_len=max_len, attn_layers=layers,
-                              use_abs_pos_emb=encoding == "absolute")
+    return placed(TransformerWrapper(num_tokens=VOCAB, max_seq_len=max_len, attn_layers=layers,
+                                     use_abs_pos_emb=encoding == "absolute"))
 
 
 def train_step(model, input_ids: torch.Tensor) -> Callable[[], None]:
@@ -219,7 +255,7 @@ def xtransformers_train_step(model, input_ids: torch.Tensor) -> Callable[[], Non
 def bench_train(lengths: list[int], reps: dict[int, int], eager_max_len: int | None = None,
                 encodings: list[str] | None = None, kernels: tuple[str, ...] = ("sdpa", "eager"),
                 compiled: bool = False, peers: bool = False, anchors: tuple[str, ...] = tuple(ANCHOR_OF.values()),
-                ) -> dict:
+                save: Callable[[dict], None] | None = None) -> dict:
     """Forward+backward per (model, kernel) at each length: median seconds, peak bytes, ratios. The relpos `eager`
     rows are left out above `eager_max_len` (transformers' BertModel is always measured with both kernels).
     `compiled` adds `torch.compile(model)` rows (sdpa; BertModel's too), their first step's seconds (compilation)
@@ -228,7 +264,7 @@ def bench_train(lengths: list[int], reps: dict[int, int], eager_max_len: int | N
     results = {}
     for length in lengths:
         torch.manual_seed(0)
-        input_ids = torch.randint(5, VOCAB, (1, length))
+        input_ids = token_ids(length, BATCH)
         rows, steps = {}, {}
         for name in ("BertModel:sdpa", "BertModel:eager", *anchors):
             try:
@@ -300,24 +336,27 @@ def bench_train(lengths: list[int], reps: dict[int, int], eager_max_len: int | N
                 row["time_vs_anchor"] = row["ratio_vs_bert_sdpa"] / rows[anchor]["ratio_vs_bert_sdpa"]
                 row["mem_vs_anchor"] = row["peak_bytes"] / rows[anchor]["peak_bytes"]
         results[str(length)] = {"baseline": base, "reps": reps[length], "rows": rows}
+        if save is not None:
+            save(results)
     return results
 
 
 def bench_generation(encodings: list[str], new_tokens: int, reps: int, prompt: int = 32,
-                     size: tuple[int, int, int] = (HIDDEN, HEADS, LAYERS)) -> dict:
-    """`size` is (hidden, heads, layers); `--generation-size gpt2` uses GPT-2 small's (768, 12, 12)."""
-    hidden, heads, layers = size
+                     size: tuple[int, int, int] | None = None) -> dict:
+    """`size` is (hidden, heads, layers), `--size`'s by default; `--generation-size gpt2` uses GPT-2 small's (768, 12,
+    12)."""
+    hidden, heads, layers = size or (HIDDEN, HEADS, LAYERS)
     common = dict(vocab_size=VOCAB, n_embd=hidden, n_head=heads, n_layer=layers, n_positions=1024,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(0)
-    input_ids = torch.randint(5, VOCAB, (1, prompt))
-    models = {"GPT2LMHeadModel": transformers.GPT2LMHeadModel._from_config(
-        transformers.GPT2Config(**common), attn_implementation="sdpa")}
+    input_ids = token_ids(prompt)
+    models = {"GPT2LMHeadModel": placed(transformers.GPT2LMHeadModel._from_config(
+        transformers.GPT2Config(**common), attn_implementation="sdpa"))}
     for encoding in encodings:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            models[encoding] = RelPosGPTForCausalLM._from_config(
-                RelPosGPTConfig(position_embedding_type=encoding, **common), attn_implementation="sdpa")
+            models[encoding] = placed(RelPosGPTForCausalLM._from_config(
+                RelPosGPTConfig(position_embedding_type=encoding, **common), attn_implementation="sdpa"))
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                   attention_mask=torch.ones_like(input_ids))
 
@@ -349,12 +388,12 @@ def bench_llama(encodings: list[str], new_tokens: int, reps: int, prompt: int = 
     common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=LLAMA_KV_HEADS,
                   num_hidden_layers=LAYERS, intermediate_size=FFN, max_position_embeddings=4096, pad_token_id=0)
     torch.manual_seed(0)
-    models = {"LlamaForCausalLM": transformers.LlamaForCausalLM._from_config(
-        transformers.LlamaConfig(**common), attn_implementation="sdpa")}
+    models = {"LlamaForCausalLM": placed(transformers.LlamaForCausalLM._from_config(
+        transformers.LlamaConfig(**common), attn_implementation="sdpa"))}
     for encoding in encodings:
-        models[encoding] = RelPosLlamaForCausalLM._from_config(
-            RelPosLlamaConfig(position_embedding_type=encoding, **common), attn_implementation="sdpa")
-    input_ids = torch.randint(5, VOCAB, (1, prompt))
+        models[encoding] = placed(RelPosLlamaForCausalLM._from_config(
+            RelPosLlamaConfig(position_embedding_type=encoding, **common), attn_implementation="sdpa"))
+    input_ids = token_ids(prompt)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                   attention_mask=torch.ones_like(input_ids))
 
@@ -365,7 +404,7 @@ def bench_llama(encodings: list[str], new_tokens: int, reps: int, prompt: int = 
             assert out.shape[1] == prompt + new_tokens, out.shape
         return call
 
-    train_ids = torch.randint(5, VOCAB, (1, train_length))
+    train_ids = token_ids(train_length)
 
     def train(model):
         def step():
@@ -413,11 +452,12 @@ def bench_memory(lengths: list[int], encodings=("alibi", "relative_key"), layers
                 num_hidden_layers=layers, intermediate_size=FFN, max_position_embeddings=max(lengths),
                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
             )
-            models[f"{encoding}:{kernel}"] = RelPosBertModel._from_config(config, attn_implementation=kernel).eval()
+            model = RelPosBertModel._from_config(config, attn_implementation=kernel)
+            models[f"{encoding}:{kernel}"] = placed(model).eval()
             results[f"{encoding}:{kernel}"] = {"encoding": encoding, "kernel": kernel, "layers": layers,
                                                "lengths": [], "peak_bytes": [], "warmup_s": []}
     for length in lengths:  # shortest first, so an interrupted run still leaves a curve
-        input_ids = torch.randint(5, VOCAB, (1, length))
+        input_ids = token_ids(length)
         for name, model in models.items():
             row = results[name]
 
@@ -575,7 +615,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--eager-max-len", type=int, default=None,
                         help="leave the relpos eager rows out above this length (saves time on a slow machine)")
-    parser.add_argument("--generation-size", choices=sorted(GENERATION_SIZES), default="default",
+    parser.add_argument("--generation-size", choices=["default", *GENERATION_SIZES], default="default",
                         help="model size of the generation section: the default size, or GPT-2 small's widths")
     parser.add_argument("--encodings", type=encoding_list, default=None,
                         help="comma-separated subset of the encodings (relpos rows only; every anchor still runs)")
@@ -591,6 +631,14 @@ def main(argv=None) -> None:
                         default=tuple(ANCHOR_OF.values()),
                         help="transformers' models of the same encoding to run beside BertModel, comma-separated "
                         "('' for none; default all)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the models run (default: cuda when torch sees a GPU, else cpu)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="the models' weights and activations (default float32)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="small",
+                        help="model widths: small (hidden 256, 4 heads, 2 layers; the CPU default) or base "
+                        "(BERT-base: 768, 12, 12; for a GPU)")
+    parser.add_argument("--batch", type=int, default=1, help="batch of the train section (default 1)")
     parser.add_argument("--report", nargs="+", metavar="JSON",
                         help="no measuring: merge these results files (sections of separate runs) into --out, print")
     args = parser.parse_args(argv)
@@ -610,6 +658,10 @@ def main(argv=None) -> None:
         print_report(results)
         return
     sections = set(args.sections.split(","))
+    configure(args.size, args.device, args.dtype, args.batch)
+    # Each encoding's `score_mod` is its own flex-attention graph: one process compiles more than dynamo's default
+    # eight before it would fall back to the uncompiled kernel.
+    torch._dynamo.config.recompile_limit = 256
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -627,8 +679,9 @@ def main(argv=None) -> None:
         "command": "python " + " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "machine": platform.machine(), "cpu_count": os.cpu_count(), "threads": args.threads or torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu", "dtype": args.dtype,
         "size": {"hidden": HIDDEN, "heads": HEADS, "layers": LAYERS, "intermediate": FFN, "vocab": VOCAB,
-                 "batch": 1},
+                 "batch": BATCH},
         "quick": args.quick}}
 
     def save():
@@ -643,16 +696,20 @@ def main(argv=None) -> None:
         train_lengths = args.lengths
         reps = {length: reps.get(length, 3) for length in train_lengths}
     if "train" in sections:
+        def save_train(partial):
+            results["train"] = partial
+            save()
+
         results["train"] = bench_train(train_lengths, reps, args.eager_max_len, args.encodings,
-                                       tuple(args.kernels.split(",")), args.compiled, args.peers, args.anchors)
+                                       tuple(args.kernels.split(",")), args.compiled, args.peers, args.anchors,
+                                       save=save_train)
         save()
     if args.encodings:
         gen_encodings = args.encodings
     if "generation" in sections:
-        results["generation"] = bench_generation(gen_encodings, new_tokens, gen_reps,
-                                                 size=GENERATION_SIZES[args.generation_size])
-        results["generation"]["size"] = dict(zip(("hidden", "heads", "layers"),
-                                                 GENERATION_SIZES[args.generation_size], strict=True))
+        generation_size = GENERATION_SIZES.get(args.generation_size, (HIDDEN, HEADS, LAYERS))
+        results["generation"] = bench_generation(gen_encodings, new_tokens, gen_reps, size=generation_size)
+        results["generation"]["size"] = dict(zip(("hidden", "heads", "layers"), generation_size, strict=True))
         save()
     if "memory" in sections:
         def save_memory(partial):

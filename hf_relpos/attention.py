@@ -247,6 +247,37 @@ def compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
+# Tiles of flex attention's Triton kernels (`kernel_options`), tried in turn where a GPU's shared memory cannot hold
+# the previous ones: a score_mod whose tables need a gradient makes the kernels larger (inductor's own choice, None,
+# does not fit an H200 at head_dim 64 in bf16 for t5, relative_key_query or deberta). Backward tiles keep BLOCK_N1 a
+# multiple of BLOCK_M1 and BLOCK_M2 of BLOCK_N2, as flex requires.
+FLEX_TILES = (
+    None,
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32},
+    {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 1, "BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 16},
+)
+# The first tiles that compiled, per (device, dtype, head_dim, training, score_mod's code).
+flex_tiles: dict[tuple, int] = {}
+
+
+def compiled_flex_with_tiles(query, key, value, score_mod, **kwargs) -> torch.Tensor:
+    """The compiled flex kernel, on smaller tiles (`FLEX_TILES`) when compiling it runs out of shared memory."""
+    signature = (query.device, query.dtype, query.shape[-1], query.requires_grad and torch.is_grad_enabled(),
+                 getattr(score_mod, "__code__", None))
+    for index in range(flex_tiles.get(signature, 0), len(FLEX_TILES)):
+        try:
+            output = compiled_flex_attention()(query, key, value, score_mod=score_mod,
+                                               kernel_options=FLEX_TILES[index], **kwargs)
+        except Exception as error:  # inductor's error names the resource, whatever its type in this release
+            if "out of resource" not in str(error) or index + 1 == len(FLEX_TILES):
+                raise
+            logger.warning_once(f"flex_attention: the default tiles do not fit this GPU's shared memory; using "
+                                f"{FLEX_TILES[index + 1]}.")
+            continue
+        flex_tiles[signature] = index
+        return output
+
+
 def flex_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -285,8 +316,8 @@ def flex_attention_forward(
     else:
         # Contiguous inputs keep one compiled graph per shape (cached keys arrive with other strides).
         query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
-        output = compiled_flex_attention()(query, key, value, score_mod=score_mod, block_mask=block_mask,
-                                           scale=scaling, enable_gqa=enable_gqa)
+        output = compiled_flex_with_tiles(query, key, value, score_mod, block_mask=block_mask, scale=scaling,
+                                          enable_gqa=enable_gqa)
     return output.transpose(1, 2).contiguous(), None
 
 

@@ -19,6 +19,7 @@ every distance `j - i` is the distance between real tokens. This file knows noth
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from transformers import initialization as init
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils import logging
 
-from .kernels import DiagonalRows, SkewedRows
+from .kernels import DiagonalRows, DistanceRows, SkewedRows
 
 
 logger = logging.get_logger(__name__)
@@ -52,6 +53,25 @@ class PositionState:
     tables: dict[str, torch.Tensor] = field(default_factory=dict)
     dtype: torch.dtype = torch.float32
     dense: bool = True
+    # `DistanceRows`' columns and end runs per table, built by `diagonal_columns` once per forward.
+    diagonals: dict[tuple, tuple[torch.Tensor, tuple[int, int]]] = field(default_factory=dict)
+
+    @functools.cached_property
+    def uniform_offset(self) -> int | None:
+        """`c` such that `j - i = (key index) - (query index) + c` for every pair in the batch (consecutive
+        positions, the same start in every row), or None. Read on the host once per forward."""
+        query_positions, key_positions = self.query_positions, self.key_positions
+        offset = key_positions[:, :1] - query_positions[:, :1]
+        arange = functools.partial(torch.arange, device=offset.device)
+        steps = (key_positions - key_positions[:, :1] == arange(key_positions.shape[1])).all()
+        steps &= (query_positions - query_positions[:, :1] == arange(query_positions.shape[1])).all()
+        return int(offset[0]) if bool(steps & (offset == offset[0]).all()) else None
+
+    @functools.cached_property
+    def same_rows(self) -> bool:
+        """Whether every row of the batch has the same query and key positions (no padding). Read on the host."""
+        return bool((self.query_positions == self.query_positions[:1]).all()
+                    & (self.key_positions == self.key_positions[:1]).all())
 
 
 def relative_distance(state: PositionState, rows: slice = slice(None)) -> torch.Tensor:
@@ -59,15 +79,32 @@ def relative_distance(state: PositionState, rows: slice = slice(None)) -> torch.
     return state.key_positions[:, None, :] - state.query_positions[:, rows, None]
 
 
-def uniform_offset(state: PositionState) -> int | None:
-    """`c` such that `j - i = (key index) - (query index) + c` for every pair in the batch (consecutive positions,
-    the same start in every row), or None."""
-    query_positions, key_positions = state.query_positions, state.key_positions
-    offset = key_positions[:, :1] - query_positions[:, :1]
-    steps = (key_positions - key_positions[:, :1] == torch.arange(key_positions.shape[1], device=offset.device)).all()
-    steps &= (query_positions - query_positions[:, :1] == torch.arange(query_positions.shape[1],
-                                                                        device=offset.device)).all()
-    return int(offset[0]) if bool(steps & (offset == offset[0]).all()) else None
+def reads_diagonals(state: PositionState, tables: tuple[torch.Tensor, ...]) -> bool:
+    """Whether a dense content bias is read from its distance tables along diagonals (`DistanceRows`) rather than
+    gathered pair by pair: when the tables need a gradient (a gather's backward scatter-adds every pair into its
+    entry, which a GPU serialises where thousands of pairs share one) and the positions are consecutive. Not in a
+    compiled graph, which reads no positions on the host."""
+    return (state.dense and any(table.requires_grad for table in tables) and not torch.compiler.is_compiling()
+            and state.uniform_offset is not None)
+
+
+def diagonal_columns(
+    state: PositionState, entry: Callable[[torch.Tensor], torch.Tensor], name: str, transposed: bool = False
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`DistanceRows`' columns for consecutive positions (`uniform_offset`): `entry(j - i)`, a monotone map from
+    distances to table entries, along the diagonals of the `[q_len, k_len]` matrix (`[k_len, q_len]`, keys as rows,
+    with `transposed`), bottom-left first; and the lengths of their constant runs at both ends. Built once per
+    forward under `name` (one read on the host) and shared by the layers."""
+    if (name, transposed) not in state.diagonals:
+        rows, cols = state.query_positions.shape[1], state.key_positions.shape[1]
+        if transposed:
+            rows, cols = cols, rows
+        diagonals = torch.arange(1 - rows, cols, device=state.query_positions.device)
+        columns = entry((-diagonals if transposed else diagonals) + state.uniform_offset)
+        host = columns.cpu()
+        head = int((host == host[0]).sum())
+        state.diagonals[name, transposed] = columns, (head, min(int((host == host[-1]).sum()), len(host) - head))
+    return state.diagonals[name, transposed]
 
 
 class PositionEncoding(nn.Module):
@@ -500,7 +537,7 @@ class StaticBiasEncoding(PositionEncoding):
     def bias_rows(self, tables, state, rows=slice(None)) -> torch.Tensor:
         distance_table = tables[0]
         reach = (distance_table.shape[-1] - 1) // 2
-        offset = uniform_offset(state)
+        offset = state.uniform_offset
         if offset is None:
             return distance_table[:, relative_distance(state, rows) + reach].transpose(0, 1)
         # Consecutive positions: the bias is Toeplitz, its rows are slices of the table (no index tensor).
@@ -609,10 +646,13 @@ class KerpleEncoding(StaticBiasEncoding):
         r1, r2 = (parameter.clamp(min=self.eps)[:, None] for parameter in tables)
         return -r1 * torch.log1p(r2 * distance.abs())
 
+    def score_tables(self, device):
+        # Clamped outside the score_mod: flex differentiates a captured tensor that the score_mod reads once, and
+        # the clamp's backward would read it again.
+        return {"r1": self.bias_p.clamp(min=self.eps), "r2": self.bias_a.clamp(min=self.eps)}
+
     def head_bias(self, query_position, key_position, head, tables):
-        r1 = self.bias_p.clamp(min=self.eps)[head]
-        r2 = self.bias_a.clamp(min=self.eps)[head]
-        return -r1 * torch.log1p(r2 * (key_position - query_position).abs().float())
+        return -tables["r1"][head] * torch.log1p(tables["r2"][head] * (key_position - query_position).abs().float())
 
     def init_weights(self, config) -> None:
         # The paper's code draws r1 ~ U(0, 2) and r2 ~ U(0, 1).
@@ -690,12 +730,39 @@ class FireEncoding(StaticBiasEncoding):
         beyond = query_positions.float() >= parameters[1].abs()
         if not beyond.any():
             return bias
-        # Past the threshold each query has its own normaliser psi(i): f at every pair of these rows, by its pieces.
-        x = self.normalized_distance(query_positions[:, :, None], state.key_positions[:, None, :], *parameters[:2])
+        # Past the threshold each query has its own normaliser psi(i): f at every pair of these rows.
+        key_positions = state.key_positions
+        if state.same_rows:
+            query_positions, key_positions = query_positions[:1], key_positions[:1]
+        x = self.normalized_distance(query_positions[:, :, None], key_positions[:, None, :], *parameters[:2])
+        if state.dense and any(parameter.requires_grad for parameter in parameters):
+            # The MLP's hidden layer per pair: its backward is matmuls, where the gradient of a gather from the
+            # pieces' table would be atomic adds of every pair into a few entries, serialised on a GPU.
+            return torch.where(beyond[:, None, :, None], self.f(x[..., None], parameters).permute(0, 3, 1, 2), bias)
         breakpoints, slopes, intercepts = self.f_pieces(parameters)
         piece = torch.searchsorted(breakpoints, x.detach())
         values = (slopes.T[:, piece] * x + intercepts.T[:, piece]).transpose(0, 1)
         return torch.where(beyond[:, None, :, None], values, bias)
+
+    def score_mod(self, query, key, state, layer_idx):
+        if torch.compiler.is_compiling():
+            # Traced into a compiled graph, which reads nothing on the host: `f` unrolled over its hidden units.
+            return super().score_mod(query, key, state, layer_idx)
+        # `f` by its pieces, and each table that needs a gradient read once per pair (what flex differentiates).
+        query_positions, key_positions = state.query_positions, state.key_positions
+        c = self.c.abs().reshape(1)
+        normaliser = torch.log1p(c * torch.maximum(query_positions.float(), self.threshold.abs()))
+        breakpoints, slopes, intercepts = self.f_pieces(self.parameter_tables())
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            distance = (key_positions[b, kv_idx] - query_positions[b, q_idx]).abs().float()
+            x = torch.log1p(c[0] * distance) / normaliser[b, q_idx]
+            piece = (breakpoints[0] < x).int()
+            for unit in range(1, breakpoints.shape[0]):
+                piece = piece + (breakpoints[unit] < x).int()
+            return score + (slopes[piece, h] * x + intercepts[piece, h]).to(score.dtype)
+
+        return score_mod
 
     def head_bias(self, query_position, key_position, head, tables):
         # `f` unrolled over its hidden units: a score_mod sees one (query, key, head) at a time.
@@ -793,9 +860,21 @@ class RelativeKeyEncoding(PositionEncoding):
         return (query_scores,) if key_scores is None else (query_scores, key_scores)
 
     def bias_rows(self, tables, state, rows=slice(None)):
+        if reads_diagonals(state, tables):
+            query_length, key_length = state.query_positions.shape[1], state.key_positions.shape[1]
+            k = self.max_distance
+
+            def entry(distance):
+                return distance.clamp(-k, k) + k
+
+            bias = DistanceRows.apply(tables[0], *diagonal_columns(state, entry, self.name), key_length)
+            if self.uses_keys:
+                keys = diagonal_columns(state, entry, self.name, transposed=True)
+                bias = bias + DistanceRows.apply(tables[1], *keys, query_length).transpose(-1, -2)
+            return bias
         # A dense bias gathers by the index `prepare` built once; a block of consecutive positions reads its
         # `q . r` rows along clipped diagonals (no index tensor; its padded copy is only a block's worth).
-        offset = None if state.dense else uniform_offset(state)
+        offset = None if state.dense else state.uniform_offset
         index = self.relative_index(state, rows) if offset is None or self.uses_keys else None
         if offset is None:
             bias = gather_relative(tables[0], index)
@@ -1045,6 +1124,19 @@ class DisentangledEncoding(PositionEncoding):
         return self.distance_scores(query, key, layer_idx)
 
     def bias_rows(self, tables, state, rows=slice(None)):
+        if reads_diagonals(state, tables):
+            query_length, key_length = state.query_positions.shape[1], state.key_positions.shape[1]
+            tables, bias = iter(tables), 0
+
+            def entry(distance):
+                return self.distance_index(0, distance)
+
+            if "c2p" in self.terms:
+                bias = DistanceRows.apply(next(tables), *diagonal_columns(state, entry, self.name), key_length)
+            if "p2c" in self.terms:
+                keys = diagonal_columns(state, entry, self.name, transposed=True)
+                bias = bias + DistanceRows.apply(next(tables), *keys, query_length).transpose(-1, -2)
+            return bias
         index = self.relative_index(state, rows)
         tables = iter(tables)
         bias = gather_relative(next(tables), index) if "c2p" in self.terms else 0

@@ -1,5 +1,6 @@
 """The autograd kernels the encodings and the attention dispatch call: `QueryBlockedAttention` (attention with a
-differentiable score bias, block by block of queries) and the bias row readers `DiagonalRows` and `SkewedRows`.
+differentiable score bias, block by block of queries) and the bias row readers `DiagonalRows`, `SkewedRows` and
+`DistanceRows`.
 
 Custom `torch.autograd.Function`s that save memory and time over autograd's own graph, kept apart so that
 `encodings.py` stays the catalog of schemes and `attention.py` the dispatch.
@@ -190,6 +191,42 @@ class SkewedRows(torch.autograd.Function):
         grad_table[..., 0] += spread[..., :left].sum(-1)
         grad_table[..., -1] += spread[..., left + n :].sum(-1)
         return grad_table, None, None
+
+
+class DistanceRows(torch.autograd.Function):
+    """`out[..., r, c] = table[..., r, columns[rows - 1 + c - r]]`: each row of `table` `[..., rows, n]` read along
+    the diagonals of a `[rows, cols]` matrix through `columns` `[rows + cols - 1]`, a monotone map from diagonals
+    (bottom-left first) to table entries: Shaw et al.'s `clip(j - i, k)`, DeBERTa's log buckets. `runs` are the
+    lengths of the constant runs at both ends of `columns` (host ints, `head + tail <= rows + cols - 1`).
+
+    Forward is a column gather and a strided copy. Backward copies the gradient back along the diagonals and adds
+    each diagonal into its entry: one sum per end run (the clipped distances, thousands of them at long lengths) and
+    `index_add_` over the rest. A gather's backward would scatter-add every pair into its entry, which a GPU
+    serialises when thousands of pairs share one (an atomic add each). Nothing is read on the host.
+    """
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, columns: torch.Tensor, runs: tuple[int, int], cols: int) -> torch.Tensor:
+        ctx.save_for_backward(columns)
+        ctx.entries, ctx.runs = table.shape[-1], runs
+        return skewed(table.index_select(-1, columns), table.shape[-2] - 1, cols).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (columns,) = ctx.saved_tensors
+        (head, tail), width = ctx.runs, columns.shape[0]
+        *lead, rows, cols = grad.shape
+        spread = grad.new_empty(*lead, rows, width)
+        # Row r's data covers columns rows-1-r .. rows-2-r+cols: zero only the two bands it may leave uncovered.
+        spread[..., : rows - 1].zero_()
+        spread[..., cols:].zero_()
+        skewed(spread, rows - 1, cols).copy_(grad)
+        grad_table = grad.new_zeros(*lead, rows, ctx.entries)
+        grad_table.index_add_(-1, columns[head : width - tail], spread[..., head : width - tail])
+        for run, entry in ((slice(0, head), columns[:1]), (slice(width - tail, width), columns[width - 1 :])):
+            if run.start < run.stop:
+                grad_table.index_add_(-1, entry, spread[..., run].sum(-1, keepdim=True))
+        return grad_table, None, None, None
 
 
 def skewed(padded: torch.Tensor, first: int, cols: int) -> torch.Tensor:

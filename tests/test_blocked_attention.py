@@ -9,7 +9,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from hf_relpos import RelPosBertModel, RelPosGPTForCausalLM
 from hf_relpos.attention import BLOCK_SCORES, dense_bias
 from hf_relpos.encodings import build_position_encoding
-from hf_relpos.kernels import DiagonalRows, QueryBlockedAttention, SkewedRows
+from hf_relpos.kernels import DiagonalRows, DistanceRows, QueryBlockedAttention, SkewedRows
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -73,11 +73,12 @@ def test_blocked_attention_equals_dense_attention_in_value_and_gradient(seed, na
     output = blocked_attention(encoding, state, query, key, value, mask, block_size=3)
     grads = torch.autograd.grad(output.pow(2).sum(), inputs, materialize_grads=True)
 
-    # FIRE's MLP runs in fp32 whatever the model's dtype: its parameter gradients carry fp32 rounding.
-    atol = 1e-5 if name == "fire" else 1e-8
-    torch.testing.assert_close(output, expected, rtol=1e-6, atol=1e-9)
+    # FIRE's MLP runs in fp32 whatever the model's dtype, per pair in the dense bias (it needs a gradient) and by
+    # its pieces in the blocked rows: values and gradients carry fp32 rounding.
+    value_atol, grad_atol = (1e-5, 1e-5) if name == "fire" else (1e-9, 1e-8)
+    torch.testing.assert_close(output, expected, rtol=1e-6, atol=value_atol)
     for got, want in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=atol)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=grad_atol)
 
 
 def test_blocked_attention_without_a_mask_is_causal_when_asked(seed):
@@ -143,6 +144,24 @@ def test_skewed_rows_read_each_row_along_a_clipped_diagonal(start, cols):
 
     assert torch.equal(SkewedRows.apply(table, start, cols), expected)
     assert torch.autograd.gradcheck(lambda t: SkewedRows.apply(t, start, cols), (table,))
+
+
+@pytest.mark.parametrize("rows,cols,low,high", [(5, 7, -3, 3), (7, 5, 2, 9), (4, 6, -20, 20), (6, 6, 0, 0)])
+@pytest.mark.parametrize("descending", [False, True])
+def test_distance_rows_read_each_row_through_a_monotone_map_of_its_diagonals(rows, cols, low, high, descending):
+    table = torch.randn(2, 3, rows, 11, dtype=torch.float64, requires_grad=True)
+    diagonal = torch.arange(1 - rows, cols)  # c - r, bottom-left first
+    columns = (diagonal.clamp(low, high) - low).clamp(max=10)
+    columns = columns.flip(0) if descending else columns
+    index = columns[rows - 1 + torch.arange(cols) - torch.arange(rows)[:, None]]
+    expected = table.gather(-1, index.expand(2, 3, -1, -1))
+    head = int((columns == columns[0]).sum())
+    runs = (head, min(int((columns == columns[-1]).sum()), len(columns) - head))
+
+    assert torch.equal(DistanceRows.apply(table, columns, runs, cols), expected)
+    assert torch.autograd.gradcheck(lambda t: DistanceRows.apply(t, columns, runs, cols), (table,))
+    # Shorter runs than the real ones (what a caller may know for sure) give the same gradient.
+    assert torch.autograd.gradcheck(lambda t: DistanceRows.apply(t, columns, (head // 2, 0), cols), (table,))
 
 
 def shapes_saved_for_backward(model, input_ids) -> list[tuple[int, ...]]:
