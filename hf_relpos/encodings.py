@@ -30,7 +30,7 @@ from transformers import initialization as init
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils import logging
 
-from .kernels import DiagonalRows, DistanceRows, SkewedRows
+from .kernels import DiagonalRows, DistanceRows, RunGather, SkewedRows
 
 
 logger = logging.get_logger(__name__)
@@ -68,6 +68,12 @@ class PositionState:
         return int(offset[0]) if bool(steps & (offset == offset[0]).all()) else None
 
     @functools.cached_property
+    def ordered(self) -> bool:
+        """Whether positions never fall along a row (as padding leaves them; packed sequences that restart do not).
+        Read on the host once per forward."""
+        return bool((self.query_positions.diff(dim=-1) >= 0).all() & (self.key_positions.diff(dim=-1) >= 0).all())
+
+    @functools.cached_property
     def same_rows(self) -> bool:
         """Whether every row of the batch has the same query and key positions (no padding). Read on the host."""
         return bool((self.query_positions == self.query_positions[:1]).all()
@@ -86,6 +92,14 @@ def reads_diagonals(state: PositionState, tables: tuple[torch.Tensor, ...]) -> b
     compiled graph, which reads no positions on the host."""
     return (state.dense and any(table.requires_grad for table in tables) and not torch.compiler.is_compiling()
             and state.uniform_offset is not None)
+
+
+def sums_runs(state: PositionState, tables: tuple[torch.Tensor, ...]) -> bool:
+    """Whether a dense content bias that `reads_diagonals` does not (padded rows) is gathered with `RunGather`, whose
+    backward sums runs instead of scatter-adding pairs: its tables need a gradient and the positions are ordered,
+    so each row's table entries are monotone. Not in a compiled graph, which reads no positions on the host."""
+    return (state.dense and any(table.requires_grad for table in tables) and not torch.compiler.is_compiling()
+            and state.ordered)
 
 
 def diagonal_columns(
@@ -784,17 +798,23 @@ class FireEncoding(StaticBiasEncoding):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def gather_relative(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def gather_relative(scores: torch.Tensor, index: torch.Tensor, falls: bool | None = None) -> torch.Tensor:
     """`out[b, h, i, j] = scores[b, h, i, index[b, i, j]]`: `scores` `[batch, heads, q_len, table]`,
-    `index` `[batch, q_len, k_len]`."""
+    `index` `[batch, q_len, k_len]`. With `falls` (whether `index` falls along a row; it must be monotone), by
+    `RunGather`."""
+    if falls is not None:
+        return RunGather.apply(scores, index, falls)
     batch, heads = scores.shape[:2]
     index = index[:, None].expand(max(batch, index.shape[0]), heads, *index.shape[1:])
     return scores.expand(index.shape[0], -1, -1, -1).gather(-1, index)
 
 
-def gather_relative_keys(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def gather_relative_keys(scores: torch.Tensor, index: torch.Tensor, falls: bool | None = None) -> torch.Tensor:
     """`out[b, h, i, j] = scores[b, h, j, index[b, i, j]]`: `scores` `[batch, heads, k_len, table]`,
-    `index` `[batch, q_len, k_len]`."""
+    `index` `[batch, q_len, k_len]`. With `falls` (whether `index` falls down a column; it must be monotone), by
+    `RunGather`."""
+    if falls is not None:
+        return RunGather.apply(scores, index.transpose(-1, -2), falls).transpose(-1, -2)
     batch, heads = scores.shape[:2]
     index = index[:, None].expand(max(batch, index.shape[0]), heads, *index.shape[1:])
     return scores.transpose(-1, -2).expand(index.shape[0], -1, -1, -1).gather(-2, index)
@@ -876,13 +896,15 @@ class RelativeKeyEncoding(PositionEncoding):
         # `q . r` rows along clipped diagonals (no index tensor; its padded copy is only a block's worth).
         offset = None if state.dense else state.uniform_offset
         index = self.relative_index(state, rows) if offset is None or self.uses_keys else None
+        # `clip(j - i)` rises along a row (keys) and falls down a column (queries).
+        runs = sums_runs(state, tables)
         if offset is None:
-            bias = gather_relative(tables[0], index)
+            bias = gather_relative(tables[0], index, False if runs else None)
         else:
             first, _, _ = rows.indices(state.query_positions.shape[1])
             bias = SkewedRows.apply(tables[0], offset + self.max_distance - first, state.key_positions.shape[1])
         if self.uses_keys:
-            bias = bias + gather_relative_keys(tables[1], index)
+            bias = bias + gather_relative_keys(tables[1], index, True if runs else None)
         return bias
 
     def bias(self, query, key, state, layer_idx):
@@ -1138,10 +1160,12 @@ class DisentangledEncoding(PositionEncoding):
                 bias = bias + DistanceRows.apply(next(tables), *keys, query_length).transpose(-1, -2)
             return bias
         index = self.relative_index(state, rows)
+        # `bucket(i - j)` falls along a row (keys) and rises down a column (queries).
+        runs = sums_runs(state, tables)
         tables = iter(tables)
-        bias = gather_relative(next(tables), index) if "c2p" in self.terms else 0
+        bias = gather_relative(next(tables), index, True if runs else None) if "c2p" in self.terms else 0
         if "p2c" in self.terms:
-            bias = bias + gather_relative_keys(next(tables), index)
+            bias = bias + gather_relative_keys(next(tables), index, False if runs else None)
         return bias
 
     def bias(self, query, key, state, layer_idx):

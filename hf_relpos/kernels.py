@@ -1,6 +1,6 @@
 """The autograd kernels the encodings and the attention dispatch call: `QueryBlockedAttention` (attention with a
-differentiable score bias, block by block of queries) and the bias row readers `DiagonalRows`, `SkewedRows` and
-`DistanceRows`.
+differentiable score bias, block by block of queries), the bias row readers `DiagonalRows`, `SkewedRows` and
+`DistanceRows`, and `RunGather` (a gather from a distance table whose backward needs no scatter-add).
 
 Custom `torch.autograd.Function`s that save memory and time over autograd's own graph, kept apart so that
 `encodings.py` stays the catalog of schemes and `attention.py` the dispatch.
@@ -227,6 +227,41 @@ class DistanceRows(torch.autograd.Function):
             if run.start < run.stop:
                 grad_table.index_add_(-1, entry, spread[..., run].sum(-1, keepdim=True))
         return grad_table, None, None, None
+
+
+class RunGather(torch.autograd.Function):
+    """`out[b, h, i, j] = table[b, h, i, index[b, i, j]]`, `table` `[batch, heads, rows, n]`, for an `index`
+    `[batch, rows, cols]` monotone along each row (rising, or falling with `falls`): how a distance table is read
+    with ordered positions, padding included.
+
+    Backward sums each row's runs of equal entries: differences of the gradient's cumulative sum (in float64, so
+    that a difference of two long prefixes keeps fp32's precision) at the run ends, which `searchsorted` finds. A
+    gather's backward would scatter-add every pair into its entry, which a GPU serialises when thousands of pairs
+    share one (an atomic add each).
+    """
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor, falls: bool) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.table_shape, ctx.falls = table.shape, falls
+        batch = max(table.shape[0], index.shape[0])
+        expanded = index[:, None].expand(batch, table.shape[1], *index.shape[1:])
+        return table.expand(batch, -1, -1, -1).gather(-1, expanded)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        if ctx.falls:
+            index, grad = index.flip(-1), grad.flip(-1)
+        entries = ctx.table_shape[-1]
+        prefix = grad.new_zeros(*grad.shape[:-1], grad.shape[-1] + 1, dtype=torch.float64)
+        torch.cumsum(grad, -1, dtype=torch.float64, out=prefix[..., 1:])
+        targets = torch.arange(entries, device=index.device).expand(*index.shape[:-1], entries)
+        # Per row, how many pairs read an entry <= t: the end of entry t's run.
+        ends = torch.searchsorted(index.contiguous(), targets.contiguous(), right=True)
+        at_ends = prefix.gather(-1, ends[:, None].expand(prefix.shape[0], prefix.shape[1], -1, -1))
+        grad_table = at_ends.diff(dim=-1, prepend=at_ends.new_zeros(*at_ends.shape[:-1], 1))
+        return grad_table.to(grad.dtype).sum_to_size(ctx.table_shape), None, None
 
 
 def skewed(padded: torch.Tensor, first: int, cols: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from hf_relpos import RelPosBertModel, RelPosGPTForCausalLM
 from hf_relpos.attention import BLOCK_SCORES, dense_bias
 from hf_relpos.encodings import build_position_encoding
-from hf_relpos.kernels import DiagonalRows, DistanceRows, QueryBlockedAttention, SkewedRows
+from hf_relpos.kernels import DiagonalRows, DistanceRows, QueryBlockedAttention, RunGather, SkewedRows
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -162,6 +162,21 @@ def test_distance_rows_read_each_row_through_a_monotone_map_of_its_diagonals(row
     assert torch.autograd.gradcheck(lambda t: DistanceRows.apply(t, columns, runs, cols), (table,))
     # Shorter runs than the real ones (what a caller may know for sure) give the same gradient.
     assert torch.autograd.gradcheck(lambda t: DistanceRows.apply(t, columns, (head // 2, 0), cols), (table,))
+
+
+@pytest.mark.parametrize("falls", [False, True])
+@pytest.mark.parametrize("table_batch,index_batch", [(2, 2), (2, 1), (1, 2)])
+def test_run_gather_reads_a_monotone_index_and_sums_its_runs_in_backward(falls, table_batch, index_batch):
+    table = torch.randn(table_batch, 3, 5, 9, dtype=torch.float64, requires_grad=True)
+    # Left and right padding repeat a position: runs of equal entries inside rows, and the clipped runs at the ends.
+    positions = torch.tensor([[0, 0, 0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5, 5, 5]])[:index_batch]
+    index = (positions[:, None, :] - torch.arange(5)[None, :, None]).clamp(-4, 4) + 4
+    index = index.flip(-1) if falls else index
+    batch = max(table_batch, index_batch)
+    expected = table.expand(batch, -1, -1, -1).gather(-1, index[:, None].expand(batch, 3, -1, -1))
+
+    assert torch.equal(RunGather.apply(table, index, falls), expected)
+    assert torch.autograd.gradcheck(lambda t: RunGather.apply(t, index, falls), (table,))
 
 
 def shapes_saved_for_backward(model, input_ids) -> list[tuple[int, ...]]:

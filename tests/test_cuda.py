@@ -1,7 +1,8 @@
 """The GPU kernels: on CUDA every encoding trains on flex attention (its `score_mod`, compiled to a Triton kernel,
 backward included) and on sdpa (the bias as a float mask) with the loss and gradients of the eager reference, its
-learnable tables included, with left padding and with consecutive positions (which a dense bias reads along its
-diagonals); a flex KV-cache generation agrees with the full forward.
+learnable tables included, with left padding (a dense content bias is a gather by a monotone index, `RunGather`) and
+with consecutive positions (read along its diagonals, `DistanceRows`); a flex KV-cache generation agrees with the
+full forward.
 
 Skipped where torch sees no GPU (CI has none): run `python -m pytest tests/test_cuda.py` on a GPU machine.
 """
