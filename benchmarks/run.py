@@ -644,6 +644,8 @@ def main(argv=None) -> None:
                         help="model widths: small (hidden 256, 4 heads, 2 layers; the CPU default) or base "
                         "(BERT-base: 768, 12, 12; for a GPU)")
     parser.add_argument("--batch", type=int, default=1, help="batch of the train section (default 1)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="paired rounds of the train section at every length (default 5 at 512, 3 otherwise)")
     parser.add_argument("--report", nargs="+", metavar="JSON",
                         help="no measuring: merge these results files (sections of separate runs) into --out, print")
     args = parser.parse_args(argv)
@@ -700,6 +702,8 @@ def main(argv=None) -> None:
     if args.lengths:
         train_lengths = args.lengths
         reps = {length: reps.get(length, 3) for length in train_lengths}
+    if args.rounds:
+        reps = {length: args.rounds for length in train_lengths}
     if "train" in sections:
         def save_train(partial):
             results["train"] = partial
