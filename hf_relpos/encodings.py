@@ -717,11 +717,12 @@ class FireEncoding(StaticBiasEncoding):
         slope, offset = weight1[:, 0], bias1
         with torch.no_grad():
             breakpoints = torch.where(slope != 0, -offset / slope, torch.inf).sort().values
-            finite = breakpoints[breakpoints.isfinite()]
-            # Past the last finite breakpoint the ReLU pattern no longer changes: any point there represents it.
-            last = finite.max() + 1 if finite.numel() else breakpoints.new_ones(())
-            first = finite.min() - 1 if finite.numel() else breakpoints.new_zeros(())
-            edges = torch.cat((first[None], torch.where(breakpoints.isfinite(), breakpoints, last), last[None] + 1))
+            # Sorted, the finite breakpoints come first. Past the last one the ReLU pattern no longer changes: any
+            # point there represents it. (No boolean indexing: nothing is read on the host.)
+            finite = breakpoints.isfinite()
+            last = torch.where(finite.any(), torch.where(finite, breakpoints, -torch.inf).max() + 1, 1.0)
+            first = torch.where(finite.any(), breakpoints[0] - 1, 0.0)
+            edges = torch.cat((first[None], torch.where(finite, breakpoints, last), last[None] + 1))
             active = (slope * ((edges[:-1] + edges[1:]) / 2)[:, None] + offset) > 0
         slopes = (active * slope) @ weight2.T
         intercepts = (active * offset) @ weight2.T + bias2
