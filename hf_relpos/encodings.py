@@ -85,21 +85,34 @@ def relative_distance(state: PositionState, rows: slice = slice(None)) -> torch.
     return state.key_positions[:, None, :] - state.query_positions[:, rows, None]
 
 
-def reads_diagonals(state: PositionState, tables: tuple[torch.Tensor, ...]) -> bool:
-    """Whether a dense content bias is read from its distance tables along diagonals (`DistanceRows`) rather than
-    gathered pair by pair: when the tables need a gradient (a gather's backward scatter-adds every pair into its
-    entry, which a GPU serialises where thousands of pairs share one) and the positions are consecutive. Not in a
-    compiled graph, which reads no positions on the host."""
-    return (state.dense and any(table.requires_grad for table in tables) and not torch.compiler.is_compiling()
-            and state.uniform_offset is not None)
+def dense_reader(state: PositionState, tables: tuple[torch.Tensor, ...]) -> str | None:
+    """How a dense content bias reads its distance tables when they need a gradient: `"diagonals"` (consecutive
+    positions: `diagonal_bias`), `"runs"` (ordered positions, as padding leaves them: `RunGather`), or None (a plain
+    gather: no gradient, positions that fall along a row, or a compiled graph, which reads no positions on the host).
+    A gather's backward scatter-adds every pair into its entry, which a GPU serialises where thousands of pairs
+    share one."""
+    if not (state.dense and any(table.requires_grad for table in tables)) or torch.compiler.is_compiling():
+        return None
+    if state.uniform_offset is not None:
+        return "diagonals"
+    return "runs" if state.ordered else None
 
 
-def sums_runs(state: PositionState, tables: tuple[torch.Tensor, ...]) -> bool:
-    """Whether a dense content bias that `reads_diagonals` does not (padded rows) is gathered with `RunGather`, whose
-    backward sums runs instead of scatter-adding pairs: its tables need a gradient and the positions are ordered,
-    so each row's table entries are monotone. Not in a compiled graph, which reads no positions on the host."""
-    return (state.dense and any(table.requires_grad for table in tables) and not torch.compiler.is_compiling()
-            and state.ordered)
+def diagonal_bias(
+    state: PositionState, name: str, entry: Callable[[torch.Tensor], torch.Tensor],
+    query_table: torch.Tensor | None, key_table: torch.Tensor | None,
+) -> torch.Tensor:
+    """`query_table[b, h, i, entry(j - i)] + key_table[b, h, j, entry(j - i)]` `[batch, heads, q_len, k_len]` for
+    consecutive positions, by `DistanceRows` (a None table adds nothing): `query_table` `[batch, heads, q_len, n]`,
+    `key_table` `[batch, heads, k_len, n]`, `entry` a monotone map from distances to table entries."""
+    query_length, key_length = state.query_positions.shape[1], state.key_positions.shape[1]
+    bias = 0
+    if query_table is not None:
+        bias = DistanceRows.apply(query_table, *diagonal_columns(state, entry, name), key_length)
+    if key_table is not None:
+        keys = diagonal_columns(state, entry, name, transposed=True)
+        bias = bias + DistanceRows.apply(key_table, *keys, query_length).transpose(-1, -2)
+    return bias
 
 
 def diagonal_columns(
@@ -881,24 +894,17 @@ class RelativeKeyEncoding(PositionEncoding):
         return (query_scores,) if key_scores is None else (query_scores, key_scores)
 
     def bias_rows(self, tables, state, rows=slice(None)):
-        if reads_diagonals(state, tables):
-            query_length, key_length = state.query_positions.shape[1], state.key_positions.shape[1]
+        reader = dense_reader(state, tables)
+        if reader == "diagonals":
             k = self.max_distance
-
-            def entry(distance):
-                return distance.clamp(-k, k) + k
-
-            bias = DistanceRows.apply(tables[0], *diagonal_columns(state, entry, self.name), key_length)
-            if self.uses_keys:
-                keys = diagonal_columns(state, entry, self.name, transposed=True)
-                bias = bias + DistanceRows.apply(tables[1], *keys, query_length).transpose(-1, -2)
-            return bias
+            return diagonal_bias(state, self.name, lambda distance: distance.clamp(-k, k) + k, tables[0],
+                                 tables[1] if self.uses_keys else None)
         # A dense bias gathers by the index `prepare` built once; a block of consecutive positions reads its
         # `q . r` rows along clipped diagonals (no index tensor; its padded copy is only a block's worth).
         offset = None if state.dense else state.uniform_offset
         index = self.relative_index(state, rows) if offset is None or self.uses_keys else None
         # `clip(j - i)` rises along a row (keys) and falls down a column (queries).
-        runs = sums_runs(state, tables)
+        runs = reader == "runs"
         if offset is None:
             bias = gather_relative(tables[0], index, False if runs else None)
         else:
@@ -1147,26 +1153,19 @@ class DisentangledEncoding(PositionEncoding):
         return self.distance_scores(query, key, layer_idx)
 
     def bias_rows(self, tables, state, rows=slice(None)):
-        if reads_diagonals(state, tables):
-            query_length, key_length = state.query_positions.shape[1], state.key_positions.shape[1]
-            tables, bias = iter(tables), 0
-
-            def entry(distance):
-                return self.distance_index(0, distance)
-
-            if "c2p" in self.terms:
-                bias = DistanceRows.apply(next(tables), *diagonal_columns(state, entry, self.name), key_length)
-            if "p2c" in self.terms:
-                keys = diagonal_columns(state, entry, self.name, transposed=True)
-                bias = bias + DistanceRows.apply(next(tables), *keys, query_length).transpose(-1, -2)
-            return bias
+        reader = dense_reader(state, tables)
+        tables = iter(tables)
+        query_table = next(tables) if "c2p" in self.terms else None
+        key_table = next(tables) if "p2c" in self.terms else None
+        if reader == "diagonals":
+            return diagonal_bias(state, self.name, lambda distance: self.distance_index(0, distance), query_table,
+                                 key_table)
         index = self.relative_index(state, rows)
         # `bucket(i - j)` falls along a row (keys) and rises down a column (queries).
-        runs = sums_runs(state, tables)
-        tables = iter(tables)
-        bias = gather_relative(next(tables), index, True if runs else None) if "c2p" in self.terms else 0
-        if "p2c" in self.terms:
-            bias = bias + gather_relative_keys(next(tables), index, False if runs else None)
+        runs = reader == "runs"
+        bias = 0 if query_table is None else gather_relative(query_table, index, True if runs else None)
+        if key_table is not None:
+            bias = bias + gather_relative_keys(key_table, index, False if runs else None)
         return bias
 
     def bias(self, query, key, state, layer_idx):
