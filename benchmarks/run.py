@@ -133,10 +133,11 @@ def peak_bytes(fn: Callable[[], object]) -> int:
     return peak
 
 
-def paired(baseline: str, fns: dict[str, Callable[[], object]], reps: int, label: str) -> dict[str, list[float]]:
+def paired(baseline: str, fns: dict[str, Callable[[], object]], reps: int, label: str,
+           on_round: Callable[[dict[str, list[float]]], None] | None = None) -> dict[str, list[float]]:
     """Per-repetition ratios candidate / baseline, the baseline run right before and right after every candidate
     (B c1 B c2 B ...), so each ratio compares runs seconds apart. Returns {name: [ratio, ...]} and the raw times
-    under "seconds:<name>"."""
+    under "seconds:<name>"; `on_round` gets the same after every round (a run stopped by a time limit keeps them)."""
     out: dict[str, list[float]] = {name: [] for name in fns if name != baseline}
     raw: dict[str, list[float]] = {name: [] for name in fns}
     names = list(out)
@@ -165,6 +166,8 @@ def paired(baseline: str, fns: dict[str, Callable[[], object]], reps: int, label
         finally:
             gc.enable()
         print(f"  [{label}] round {rep + 1}/{reps} ({time.perf_counter() - start:.1f} s)", flush=True)
+        if on_round is not None:
+            on_round({**out, **{f"seconds:{name}": values for name, values in raw.items()}})
     out.update({f"seconds:{name}": values for name, values in raw.items()})
     return out
 
@@ -321,28 +324,32 @@ def bench_train(lengths: list[int], reps: dict[int, int], eager_max_len: int | N
             except Exception as error:  # noqa: BLE001
                 rows[name]["error"] = repr(error)
                 del steps[name]
-        ratios = paired("BertModel:sdpa", steps, reps[length], f"train L={length}")
-        for name in steps:
-            rows[name]["seconds"] = ratios[f"seconds:{name}"]
-            rows[name]["median_s"] = median(ratios[f"seconds:{name}"])
-            rows[name]["ratio_vs_bert_sdpa"] = 1.0 if name == "BertModel:sdpa" else median(ratios[name])
-        # The baseline is the faster BertModel: sdpa, or eager when its paired ratio to sdpa is below 1.
-        eager = rows["BertModel:eager"].get("ratio_vs_bert_sdpa", math.inf)
-        base, factor = ("BertModel:eager", eager) if eager < 1.0 else ("BertModel:sdpa", 1.0)
-        for row in rows.values():
-            if "ratio_vs_bert_sdpa" not in row:
-                continue
-            row["time_ratio"] = row["ratio_vs_bert_sdpa"] / factor
-            same_kernel = rows.get(f"BertModel:{row['kernel']}", rows["BertModel:sdpa"])
-            row["mem_ratio"] = row["peak_bytes"] / same_kernel["peak_bytes"]
-            anchor = ANCHOR_OF.get(row["encoding"])
-            if row["family"] == "relpos" and anchor and "ratio_vs_bert_sdpa" in rows.get(anchor, {}):
-                row["vs_anchor"] = anchor
-                row["time_vs_anchor"] = row["ratio_vs_bert_sdpa"] / rows[anchor]["ratio_vs_bert_sdpa"]
-                row["mem_vs_anchor"] = row["peak_bytes"] / rows[anchor]["peak_bytes"]
-        results[str(length)] = {"baseline": base, "reps": reps[length], "rows": rows}
-        if save is not None:
-            save(results)
+
+        def record(ratios, length=length, rows=rows, steps=steps):
+            rounds = len(next(iter(ratios.values())))
+            for name in steps:
+                rows[name]["seconds"] = ratios[f"seconds:{name}"]
+                rows[name]["median_s"] = median(ratios[f"seconds:{name}"])
+                rows[name]["ratio_vs_bert_sdpa"] = 1.0 if name == "BertModel:sdpa" else median(ratios[name])
+            # The baseline is the faster BertModel: sdpa, or eager when its paired ratio to sdpa is below 1.
+            eager = rows["BertModel:eager"].get("ratio_vs_bert_sdpa", math.inf)
+            base, factor = ("BertModel:eager", eager) if eager < 1.0 else ("BertModel:sdpa", 1.0)
+            for row in rows.values():
+                if "ratio_vs_bert_sdpa" not in row:
+                    continue
+                row["time_ratio"] = row["ratio_vs_bert_sdpa"] / factor
+                same_kernel = rows.get(f"BertModel:{row['kernel']}", rows["BertModel:sdpa"])
+                row["mem_ratio"] = row["peak_bytes"] / same_kernel["peak_bytes"]
+                anchor = ANCHOR_OF.get(row["encoding"])
+                if row["family"] == "relpos" and anchor and "ratio_vs_bert_sdpa" in rows.get(anchor, {}):
+                    row["vs_anchor"] = anchor
+                    row["time_vs_anchor"] = row["ratio_vs_bert_sdpa"] / rows[anchor]["ratio_vs_bert_sdpa"]
+                    row["mem_vs_anchor"] = row["peak_bytes"] / rows[anchor]["peak_bytes"]
+            results[str(length)] = {"baseline": base, "reps": rounds, "rows": rows}
+            if save is not None:
+                save(results)
+
+        paired("BertModel:sdpa", steps, reps[length], f"train L={length}", on_round=record)
     return results
 
 

@@ -2,7 +2,7 @@
 backward included) and on sdpa (the bias as a float mask) with the loss and gradients of the eager reference, its
 learnable tables included, with left padding (a dense content bias is a gather by a monotone index, `RunGather`) and
 with consecutive positions (read along its diagonals, `DistanceRows`); a flex KV-cache generation agrees with the
-full forward.
+full forward; DistanceRows and RunGather equal a gather on the GPU, gradients included.
 
 Skipped where torch sees no GPU (CI has none): run `python -m pytest tests/test_cuda.py` on a GPU machine.
 """
@@ -13,6 +13,7 @@ from conftest import ENCODER_ENCODINGS, tiny_bert_config, tiny_gpt_config, tiny_
 
 from hf_relpos import POSITION_ENCODINGS, RelPosBertModel, RelPosGPTForCausalLM, RelPosLlamaForCausalLM
 from hf_relpos.encodings import PositionEncoding
+from hf_relpos.kernels import DistanceRows, RunGather
 
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -115,3 +116,41 @@ def test_flex_generation_with_kv_cache_on_cuda_equals_the_full_forward(name):
         logits = model(out.sequences, attention_mask=full_mask).logits
     step_logits = torch.stack(out.logits, dim=1)
     torch.testing.assert_close(step_logits, logits[:, 19:-1], rtol=1e-4, atol=1e-4)
+
+
+def gather_and_its_gradient(table, read, index, upstream):
+    """`read(table)` and its gradient for `upstream`, next to a plain `gather` of `table` by `index` and its
+    gradient."""
+    got = read(table)
+    want = table.expand(upstream.shape[0], -1, -1, -1).gather(-1, index.expand(upstream.shape))
+    return (got, *torch.autograd.grad(got, table, upstream)), (want, *torch.autograd.grad(want, table, upstream))
+
+
+@pytest.mark.parametrize("descending", [False, True])
+def test_distance_rows_on_cuda_equal_a_gather_in_value_and_gradient(descending):
+    """Rows long past the clip distance, so thousands of pairs share each end entry (what a scatter serialises)."""
+    rows, cols, k = 300, 280, 16
+    table = torch.randn(2, 4, rows, 2 * k + 1, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    columns = torch.arange(1 - rows, cols, device=DEVICE).clamp(-k, k) + k
+    columns = columns.flip(0) if descending else columns
+    index = columns[rows - 1 + torch.arange(cols, device=DEVICE) - torch.arange(rows, device=DEVICE)[:, None]]
+    head = int((columns == columns[0]).sum())
+    runs = (head, min(int((columns == columns[-1]).sum()), len(columns) - head))
+    upstream = torch.randn(2, 4, rows, cols, device=DEVICE, dtype=torch.float64)
+    got, want = gather_and_its_gradient(table, lambda t: DistanceRows.apply(t, columns, runs, cols), index, upstream)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+
+
+@pytest.mark.parametrize("falls", [False, True])
+def test_run_gather_on_cuda_equals_a_gather_in_value_and_gradient(falls):
+    """Left padding (a run of position 0) in one row, consecutive positions in the other."""
+    rows, cols, k = 300, 300, 16
+    table = torch.randn(1, 4, rows, 2 * k + 1, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    positions = torch.stack((torch.arange(cols, device=DEVICE), (torch.arange(cols, device=DEVICE) - 40).clamp(0)))
+    index = (positions[:, None, :] - torch.arange(rows, device=DEVICE)[None, :, None]).clamp(-k, k) + k
+    index = index.flip(-1) if falls else index
+    upstream = torch.randn(2, 4, rows, cols, device=DEVICE, dtype=torch.float64)
+    got, want = gather_and_its_gradient(table, lambda t: RunGather.apply(t, index, falls), index[:, None], upstream)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
