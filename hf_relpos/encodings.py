@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils import logging
@@ -572,10 +573,28 @@ class StaticBiasEncoding(PositionEncoding):
         key_length = state.key_positions.shape[1]
         return DiagonalRows.apply(distance_table, offset + reach - first, stop - first, key_length)[None]
 
+    def trains_tables(self) -> bool:
+        """Whether this call differentiates the encoding's parameters, in eager mode (which may read the positions'
+        reach on the host)."""
+        return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and any(parameter.requires_grad for parameter in self.parameter_tables()))
+
     def score_mod(
         self, query: torch.Tensor, key: torch.Tensor, state: PositionState, layer_idx: int
     ) -> ScoreMod | None:
         query_positions, key_positions = state.query_positions, state.key_positions
+        if self.trains_tables():
+            # Flex's backward atomically adds every pair's gradient into the entry its score_mod read. Read from a
+            # table per distance `[heads, 2D + 1]`, a diagonal's worth of pairs share an entry; read from the
+            # parameters, every pair of a head shares a few (a GPU serialises those adds: 60x slower at 2048).
+            distance_table = self.bias_tables(None, None, state, layer_idx)[0]
+            reach = (distance_table.shape[-1] - 1) // 2
+
+            def score_mod(score, b, h, q_idx, kv_idx):
+                distance = key_positions[b, kv_idx] - query_positions[b, q_idx]
+                return score + distance_table[h, distance + reach].to(score.dtype)
+
+            return score_mod
         tables = self.score_tables(query.device)
 
         def score_mod(score, b, h, q_idx, kv_idx):
@@ -674,8 +693,7 @@ class KerpleEncoding(StaticBiasEncoding):
         return -r1 * torch.log1p(r2 * distance.abs())
 
     def score_tables(self, device):
-        # Clamped outside the score_mod: flex differentiates a captured tensor that the score_mod reads once, and
-        # the clamp's backward would read it again.
+        # Clamped once per call, not per pair.
         return {"r1": self.bias_p.clamp(min=self.eps), "r2": self.bias_a.clamp(min=self.eps)}
 
     def head_bias(self, query_position, key_position, head, tables):
@@ -776,8 +794,20 @@ class FireEncoding(StaticBiasEncoding):
         if torch.compiler.is_compiling():
             # Traced into a compiled graph, which reads nothing on the host: `f` unrolled over its hidden units.
             return super().score_mod(query, key, state, layer_idx)
-        # `f` by its pieces, and each table that needs a gradient read once per pair (what flex differentiates).
         query_positions, key_positions = state.query_positions, state.key_positions
+        if self.trains_tables():
+            # Past the threshold the bias depends on the query as well as the distance: the dense bias, read once
+            # per pair, so that flex's backward adds each pair's gradient into an entry of its own. Its MLP's
+            # hidden layer per pair is recomputed in backward, not kept for every layer.
+            bias = checkpoint(self.bias_rows, self.bias_tables(None, None, state, layer_idx), state,
+                              use_reentrant=False)
+            per_row = int(bias.shape[0] > 1)
+
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score + bias[b * per_row, h, q_idx, kv_idx].to(score.dtype)
+
+            return score_mod
+        # `f` by its pieces: a few comparisons per pair instead of a hidden layer.
         c = self.c.abs().reshape(1)
         normaliser = torch.log1p(c * torch.maximum(query_positions.float(), self.threshold.abs()))
         breakpoints, slopes, intercepts = self.f_pieces(self.parameter_tables())

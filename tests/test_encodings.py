@@ -509,10 +509,12 @@ def test_bias_encodings_cover_the_catalog():
     assert set(POSITION_ENCODINGS) >= set(BIAS_ENCODINGS) | {"absolute", "sinusoidal", "rope", "xpos", "nope"}
 
 
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("name", BIAS_ENCODINGS)
-def test_score_mod_equals_dense_bias(seed, name, causal):
+def score_mod_and_dense_bias(name: str, causal: bool, threshold: float | None = None):
+    """An encoding's flex `score_mod` evaluated at every (batch, head, query, key), next to its dense bias; FIRE's
+    threshold at `threshold`, so that queries on both sides of it are read."""
     encoding, _ = make_encoding(name, causal=causal, max_relative_positions=6, position_buckets=4)
+    if threshold is not None:
+        encoding.threshold.data.fill_(threshold)
     batch, q_len, k_len = 2, 5, 9
     kpos = positions(batch, k_len, offset=4)
     qpos = kpos[:, k_len - q_len:]
@@ -524,8 +526,31 @@ def test_score_mod_equals_dense_bias(seed, name, causal):
     h = torch.arange(HEADS).view(1, -1, 1, 1)
     q_idx = torch.arange(q_len).view(1, 1, -1, 1)
     kv_idx = torch.arange(k_len).view(1, 1, 1, -1)
-    flex = score_mod(torch.zeros(batch, HEADS, q_len, k_len), b, h, q_idx, kv_idx)
+    return encoding, score_mod(torch.zeros(batch, HEADS, q_len, k_len), b, h, q_idx, kv_idx), dense
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", BIAS_ENCODINGS)
+def test_score_mod_equals_dense_bias(seed, name, causal, grad):
+    with torch.set_grad_enabled(grad):
+        _, flex, dense = score_mod_and_dense_bias(name, causal, threshold=7.0 if name == "fire" else None)
     torch.testing.assert_close(flex, dense, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", ["t5", "kerple", "fire"])
+def test_score_mod_of_a_learned_bias_has_the_dense_bias_gradient(seed, name, causal):
+    """What flex differentiates: the parameters' gradient through the score_mod equals the dense bias's."""
+    encoding, flex, dense = score_mod_and_dense_bias(name, causal, threshold=7.0 if name == "fire" else None)
+    upstream = torch.randn_like(dense)
+    parameter_names, parameters = zip(*encoding.named_parameters(), strict=True)
+    want = torch.autograd.grad((dense * upstream).sum(), parameters, allow_unused=True)
+    got = torch.autograd.grad((flex * upstream).sum(), parameters, allow_unused=True)
+    for parameter_name, expected, actual in zip(parameter_names, want, got, strict=True):
+        assert (expected is None) == (actual is None), parameter_name
+        if expected is not None:
+            torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5, msg=parameter_name)
 
 
 @pytest.mark.parametrize("name", [n for n, cls in POSITION_ENCODINGS.items() if not cls.has_bias])
