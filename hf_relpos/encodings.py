@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils import logging
@@ -795,19 +794,15 @@ class FireEncoding(StaticBiasEncoding):
             # Traced into a compiled graph, which reads nothing on the host: `f` unrolled over its hidden units.
             return super().score_mod(query, key, state, layer_idx)
         query_positions, key_positions = state.query_positions, state.key_positions
-        if self.trains_tables():
-            # Past the threshold the bias depends on the query as well as the distance: the dense bias, read once
-            # per pair, so that flex's backward adds each pair's gradient into an entry of its own. Its MLP's
-            # hidden layer per pair is recomputed in backward, not kept for every layer.
-            bias = checkpoint(self.bias_rows, self.bias_tables(None, None, state, layer_idx), state,
-                              use_reentrant=False)
-            per_row = int(bias.shape[0] > 1)
-
-            def score_mod(score, b, h, q_idx, kv_idx):
-                return score + bias[b * per_row, h, q_idx, kv_idx].to(score.dtype)
-
-            return score_mod
-        # `f` by its pieces: a few comparisons per pair instead of a hidden layer.
+        if query.is_cuda and self.trains_tables():
+            # Past the threshold the bias depends on the query as well as the distance, so no per-distance table
+            # spreads flex's atomic gradient adds (a dense bias read per pair measured slower still: 398x).
+            logger.warning_once(
+                "position_embedding_type='fire' trains slowly on attn_implementation='flex_attention' on a GPU "
+                "(169x BertModel at 2048 tokens on an H200, against 2.6x on 'sdpa'): flex's backward adds every "
+                "pair's gradient into FIRE's few MLP pieces. Train FIRE with 'sdpa'."
+            )
+        # `f` by its pieces, and each table that needs a gradient read once per pair (what flex differentiates).
         c = self.c.abs().reshape(1)
         normaliser = torch.log1p(c * torch.maximum(query_positions.float(), self.threshold.abs()))
         breakpoints, slopes, intercepts = self.f_pieces(self.parameter_tables())
