@@ -68,6 +68,12 @@ class PositionState:
         return int(offset[0]) if bool(steps & (offset == offset[0]).all()) else None
 
     @functools.cached_property
+    def reach(self) -> int:
+        """The largest `|j - i|` of the batch's pairs. Read on the host once per forward."""
+        query_positions, key_positions = self.query_positions, self.key_positions
+        return max(int(key_positions.max() - query_positions.min()), int(query_positions.max() - key_positions.min()))
+
+    @functools.cached_property
     def ordered(self) -> bool:
         """Whether positions never fall along a row (as padding leaves them; packed sequences that restart do not).
         Read on the host once per forward."""
@@ -555,9 +561,8 @@ class StaticBiasEncoding(PositionEncoding):
 
     def bias_tables(self, query, key, state, layer_idx) -> tuple[torch.Tensor, ...]:
         # Distances span [-D, D]: the table's row `D + j - i` serves the pair (i, j).
-        query_positions, key_positions = state.query_positions, state.key_positions
-        reach = max(int(key_positions.max() - query_positions.min()), int(query_positions.max() - key_positions.min()))
-        distance = torch.arange(-reach, reach + 1, device=query_positions.device, dtype=torch.float32)
+        reach = state.reach
+        distance = torch.arange(-reach, reach + 1, device=state.query_positions.device, dtype=torch.float32)
         parameters = self.parameter_tables()
         return (self.distance_bias(distance, parameters), *parameters)
 
