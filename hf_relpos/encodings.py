@@ -697,7 +697,8 @@ class KerpleEncoding(StaticBiasEncoding):
         return -r1 * torch.log1p(r2 * distance.abs())
 
     def score_tables(self, device):
-        # Clamped once per call, not per pair.
+        # Clamped outside the score_mod: a compiled model trains through it (`trains_tables` is eager only), and flex
+        # differentiates a captured tensor that the score_mod reads once; the clamp's backward would read it again.
         return {"r1": self.bias_p.clamp(min=self.eps), "r2": self.bias_a.clamp(min=self.eps)}
 
     def head_bias(self, query_position, key_position, head, tables):
