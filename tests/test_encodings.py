@@ -509,12 +509,12 @@ def test_bias_encodings_cover_the_catalog():
     assert set(POSITION_ENCODINGS) >= set(BIAS_ENCODINGS) | {"absolute", "sinusoidal", "rope", "xpos", "nope"}
 
 
-def score_mod_and_dense_bias(name: str, causal: bool, threshold: float | None = None):
-    """An encoding's flex `score_mod` evaluated at every (batch, head, query, key), next to its dense bias; FIRE's
-    threshold at `threshold`, so that queries on both sides of it are read."""
+def score_mod_and_dense_bias(name: str, causal: bool):
+    """An encoding's flex `score_mod` evaluated at every (batch, head, query, key), next to its dense bias. FIRE's
+    threshold is 7, so that its queries (positions 4 to 12) lie on both sides of it."""
     encoding, _ = make_encoding(name, causal=causal, max_relative_positions=6, position_buckets=4)
-    if threshold is not None:
-        encoding.threshold.data.fill_(threshold)
+    if name == "fire":
+        encoding.threshold.data.fill_(7.0)
     batch, q_len, k_len = 2, 5, 9
     kpos = positions(batch, k_len, offset=4)
     qpos = kpos[:, k_len - q_len:]
@@ -534,7 +534,7 @@ def score_mod_and_dense_bias(name: str, causal: bool, threshold: float | None = 
 @pytest.mark.parametrize("name", BIAS_ENCODINGS)
 def test_score_mod_equals_dense_bias(seed, name, causal, grad):
     with torch.set_grad_enabled(grad):
-        _, flex, dense = score_mod_and_dense_bias(name, causal, threshold=7.0 if name == "fire" else None)
+        _, flex, dense = score_mod_and_dense_bias(name, causal)
     torch.testing.assert_close(flex, dense, atol=1e-6, rtol=1e-6)
 
 
@@ -542,7 +542,7 @@ def test_score_mod_equals_dense_bias(seed, name, causal, grad):
 @pytest.mark.parametrize("name", ["t5", "kerple", "fire"])
 def test_score_mod_of_a_learned_bias_has_the_dense_bias_gradient(seed, name, causal):
     """What flex differentiates: the parameters' gradient through the score_mod equals the dense bias's."""
-    encoding, flex, dense = score_mod_and_dense_bias(name, causal, threshold=7.0 if name == "fire" else None)
+    encoding, flex, dense = score_mod_and_dense_bias(name, causal)
     upstream = torch.randn_like(dense)
     parameter_names, parameters = zip(*encoding.named_parameters(), strict=True)
     want = torch.autograd.grad((dense * upstream).sum(), parameters, allow_unused=True)
