@@ -327,22 +327,13 @@ BLOCK_SCORES = 2**21
 BIAS_KERNELS = ("eager", "sdpa", "flex_attention")
 
 
-def bias_needs_grad(encoding: PositionEncoding) -> bool:
-    """Whether this step differentiates the encoding's bias: under autograd, when the bias reads each layer's
-    queries and keys (`content_bias`) or a parameter that requires a gradient. ALiBi, frozen tables and inference
-    do not."""
-    return torch.is_grad_enabled() and (
-        encoding.content_bias or any(parameter.requires_grad for parameter in encoding.parameters())
-    )
-
-
 def blocked_training(config, encoding: PositionEncoding, device: torch.device) -> bool:
     """Whether sdpa runs `QueryBlockedAttention`: a bias that needs a gradient on CPU, where torch's sdpa gives a
     bias a gradient only on its `[q_len, k_len]` math path. A bias without one stays on torch's fused kernel as a
     float mask (a `[batch, heads, q_len, k_len]` tensor, shared by the layers). Under `torch.compile` the dense
     bias goes to sdpa as well: inductor fuses the bias, scale, mask and softmax passes forward and backward."""
     return (config._attn_implementation == "sdpa" and encoding.has_bias and device.type == "cpu"
-            and bias_needs_grad(encoding) and not torch.compiler.is_compiling())
+            and encoding.bias_needs_grad() and not torch.compiler.is_compiling())
 
 
 def dense_bias(

@@ -171,6 +171,14 @@ class PositionEncoding(nn.Module):
                 "for an encoder."
             )
 
+    def bias_needs_grad(self) -> bool:
+        """Whether this step differentiates the encoding's bias: under autograd, when the bias reads each layer's
+        queries and keys (`content_bias`) or a parameter that requires a gradient. ALiBi, frozen tables and inference
+        do not."""
+        return torch.is_grad_enabled() and (
+            self.content_bias or any(parameter.requires_grad for parameter in self.parameters())
+        )
+
     def embed(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Add absolute position information to `inputs_embeds` `[batch, len, hidden]`."""
         return inputs_embeds
@@ -577,17 +585,11 @@ class StaticBiasEncoding(PositionEncoding):
         key_length = state.key_positions.shape[1]
         return DiagonalRows.apply(distance_table, offset + reach - first, stop - first, key_length)[None]
 
-    def trains_tables(self) -> bool:
-        """Whether this call differentiates the encoding's parameters, in eager mode (which may read the positions'
-        reach on the host)."""
-        return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and any(parameter.requires_grad for parameter in self.parameter_tables()))
-
     def score_mod(
         self, query: torch.Tensor, key: torch.Tensor, state: PositionState, layer_idx: int
     ) -> ScoreMod | None:
         query_positions, key_positions = state.query_positions, state.key_positions
-        if self.trains_tables():
+        if self.bias_needs_grad() and not torch.compiler.is_compiling():  # eager: the table's reach is read on the host
             # Flex's backward atomically adds every pair's gradient into the entry its score_mod read. Read from a
             # table per distance `[heads, 2D + 1]`, a diagonal's worth of pairs share an entry; read from the
             # parameters, every pair of a head shares a few (a GPU serialises those adds: 60x slower at 2048).
@@ -697,8 +699,9 @@ class KerpleEncoding(StaticBiasEncoding):
         return -r1 * torch.log1p(r2 * distance.abs())
 
     def score_tables(self, device):
-        # Clamped outside the score_mod: a compiled model trains through it (`trains_tables` is eager only), and flex
-        # differentiates a captured tensor that the score_mod reads once; the clamp's backward would read it again.
+        # Clamped outside the score_mod: a compiled model trains through it (the per-distance table is eager only),
+        # and flex differentiates a captured tensor that the score_mod reads once; the clamp's backward would read it
+        # again.
         return {"r1": self.bias_p.clamp(min=self.eps), "r2": self.bias_a.clamp(min=self.eps)}
 
     def head_bias(self, query_position, key_position, head, tables):
@@ -800,7 +803,7 @@ class FireEncoding(StaticBiasEncoding):
             # Traced into a compiled graph, which reads nothing on the host: `f` unrolled over its hidden units.
             return super().score_mod(query, key, state, layer_idx)
         query_positions, key_positions = state.query_positions, state.key_positions
-        if query.is_cuda and self.trains_tables():
+        if query.is_cuda and self.bias_needs_grad():
             # Past the threshold the bias depends on the query as well as the distance, so no per-distance table
             # spreads flex's atomic gradient adds (a dense bias read per pair measured slower still: 398x).
             logger.warning_once(
