@@ -1,6 +1,8 @@
 """The query-blocked CPU training kernel (sdpa with a bias under autograd): the same outputs and gradients as dense
 attention over the encoding's dense bias, and no `[q_len, k_len]` tensor kept for backward."""
 
+import copy
+
 import pytest
 import torch
 from conftest import BIAS_ENCODINGS, ENCODER_ENCODINGS, tiny_bert_config, tiny_gpt_config
@@ -224,7 +226,7 @@ def test_eager_training_keeps_query_by_key_tensors_for_backward(seed):
 @pytest.mark.parametrize("name", ENCODER_BIAS_ENCODINGS)
 def test_encoder_sdpa_training_step_equals_eager_in_loss_and_gradients(seed, name, length):
     config = tiny_bert_config(position_embedding_type=name)
-    eager = RelPosBertModel._from_config(config, attn_implementation="eager").train()
+    eager = RelPosBertModel._from_config(copy.deepcopy(config), attn_implementation="eager").train()
     sdpa = RelPosBertModel._from_config(config, attn_implementation="sdpa").train()
     sdpa.load_state_dict(eager.state_dict())
     input_ids = torch.randint(1, 99, (2, length))
@@ -244,7 +246,7 @@ def test_encoder_sdpa_training_step_equals_eager_in_loss_and_gradients(seed, nam
 @pytest.mark.parametrize("name", BIAS_ENCODINGS)
 def test_decoder_sdpa_training_step_equals_eager_in_loss_and_gradients(seed, name):
     config = tiny_gpt_config(name)
-    eager = RelPosGPTForCausalLM._from_config(config, attn_implementation="eager").train()
+    eager = RelPosGPTForCausalLM._from_config(copy.deepcopy(config), attn_implementation="eager").train()
     sdpa = RelPosGPTForCausalLM._from_config(config, attn_implementation="sdpa").train()
     sdpa.load_state_dict(eager.state_dict())
     input_ids = torch.randint(3, 99, (2, 10))
@@ -321,7 +323,7 @@ def frozen(model):
 def test_sdpa_training_of_a_bias_without_a_gradient_runs_torchs_fused_kernel_and_equals_eager(seed, name):
     # ALiBi has no parameters; a frozen T5 table gets no gradient: the bias is a constant float mask.
     config = tiny_bert_config(position_embedding_type=name)
-    eager = frozen(RelPosBertModel._from_config(config, attn_implementation="eager").train())
+    eager = frozen(RelPosBertModel._from_config(copy.deepcopy(config), attn_implementation="eager").train())
     sdpa = frozen(RelPosBertModel._from_config(config, attn_implementation="sdpa").train())
     sdpa.load_state_dict(eager.state_dict())
     input_ids = torch.randint(1, 99, (2, LONG))

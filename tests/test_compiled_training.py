@@ -2,6 +2,8 @@
 compiled graph and handed to sdpa as a float mask (inductor fuses its passes), and the step equals the eager
 kernel's in loss and gradients. Compilation takes tens of seconds per encoding on CPU, hence `slow`."""
 
+import copy
+
 import pytest
 import torch
 from conftest import BIAS_ENCODINGS, ENCODER_ENCODINGS, tiny_bert_config
@@ -15,7 +17,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 @pytest.mark.parametrize("name", [name for name in BIAS_ENCODINGS if name in ENCODER_ENCODINGS])
 def test_compiled_sdpa_training_step_equals_eager_in_loss_and_gradients(seed, name):
     config = tiny_bert_config(position_embedding_type=name, num_hidden_layers=1)
-    eager = RelPosBertModel._from_config(config, attn_implementation="eager").train()
+    eager = RelPosBertModel._from_config(copy.deepcopy(config), attn_implementation="eager").train()
     sdpa = RelPosBertModel._from_config(config, attn_implementation="sdpa").train()
     sdpa.load_state_dict(eager.state_dict())
     compiled = torch.compile(sdpa, dynamic=False)

@@ -7,6 +7,8 @@ full forward; DistanceRows and RunGather equal a gather on the GPU, gradients in
 Skipped where torch sees no GPU (CI has none): run `python -m pytest tests/test_cuda.py` on a GPU machine.
 """
 
+import copy
+
 import pytest
 import torch
 from conftest import ENCODER_ENCODINGS, tiny_bert_config, tiny_gpt_config, tiny_llama_config
@@ -40,7 +42,7 @@ def pair(model_class, config, kernel: str):
     """The eager reference and a copy with the same weights on `kernel`, both on the GPU in training mode. FIRE's
     threshold is lowered to 16 so that queries on both sides of it are trained."""
     torch.manual_seed(0)
-    eager = model_class._from_config(config, attn_implementation="eager").to(DEVICE).train()
+    eager = model_class._from_config(copy.deepcopy(config), attn_implementation="eager").to(DEVICE).train()
     for name, parameter in eager.named_parameters():
         if name.endswith("threshold"):
             parameter.data.fill_(16.0)
