@@ -2,10 +2,12 @@
 
     python benchmarks/bias_kernels.py [--lengths 512,2048] [--rounds 5] [--threads 1]
 
-ALiBi's bias (4 heads of 64, batch 1) through torch's fused sdpa as a float mask, and through the query-blocked
-kernel (`QueryBlockedAttention`), each as a paired ratio to torch's fused sdpa without a mask (the run before and
-the run after every candidate), median over rounds. `attention.blocked_training` sends a bias without a gradient
-to the fused kernel on the strength of this measurement (docs/PERFORMANCE.md).
+ALiBi's bias (4 heads of 64, batch 1) through torch's fused sdpa as a dense float mask, as a view of its diagonals
+over reversed queries (`toeplitz_attention_forward`), and through the query-blocked kernel (`QueryBlockedAttention`),
+each as a paired ratio to torch's fused sdpa without a mask (the run before and the run after every candidate),
+median over rounds. `attention.blocked_training` sends a bias without a gradient to the fused kernel, and
+`attention.toeplitz_kernel` a bias of `j - i` to its diagonals, on the strength of this measurement
+(docs/PERFORMANCE.md).
 """
 
 import argparse
@@ -21,7 +23,7 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from hf_relpos import RelPosBertConfig  # noqa: E402
-from hf_relpos.attention import BLOCK_SCORES  # noqa: E402
+from hf_relpos.attention import BLOCK_SCORES, toeplitz_attention_forward, toeplitz_diagonals  # noqa: E402
 from hf_relpos.encodings import build_position_encoding  # noqa: E402
 from hf_relpos.kernels import QueryBlockedAttention  # noqa: E402
 
@@ -40,6 +42,11 @@ def candidates(length: int) -> dict:
     def fused(mask=None):
         F.scaled_dot_product_attention(query, key, value, attn_mask=mask).sum().backward()
 
+    diagonals = toeplitz_diagonals(encoding, state)
+
+    def diagonal_view():
+        toeplitz_attention_forward(None, query, key, value, diagonals, HEAD_DIM**-0.5)[0].sum().backward()
+
     def blocked():
         tables = encoding.bias_tables(query, key, state, 0)
         output = QueryBlockedAttention.apply(
@@ -48,7 +55,8 @@ def candidates(length: int) -> dict:
         )
         output.sum().backward()
 
-    return {"no mask": fused, "fused, float mask": lambda: fused(bias), "query-blocked": blocked}
+    return {"no mask": fused, "fused, dense mask": lambda: fused(bias), "fused, diagonals": diagonal_view,
+            "query-blocked": blocked}
 
 
 def seconds(fn) -> float:

@@ -3,8 +3,8 @@
 The models own their projections (BERT's `query/key/value`, GPT-2's `c_attn`) and call `attention_forward`,
 which rotates, updates the cache, asks the encoding for its bias and runs the kernel named by
 `config._attn_implementation`: `eager` (the reference, below), `sdpa` (transformers' `sdpa_attention_forward`,
-which folds `position_bias` into its float mask; when training a bias that needs a gradient on CPU,
-`kernels.QueryBlockedAttention` instead),
+which folds `position_bias` into its float mask; on CPU, torch's kernel reading a bias of `j - i` alone from its
+diagonals when it needs no gradient, and `kernels.QueryBlockedAttention` when it needs one),
 `flex_attention` (the encoding's `score_mod`, no dense bias) or any other registered kernel that can serve the
 encoding.
 """
@@ -350,16 +350,42 @@ def dense_bias(
     return True
 
 
+def toeplitz_kernel(config, encoding: PositionEncoding, attention_mask, device: torch.device) -> bool:
+    """Whether sdpa reads the bias from its diagonals (`toeplitz_attention_forward`): a bias of `j - i` alone
+    (`encoding.toeplitz`) that needs no gradient, on CPU, whose fused kernel reads a strided float mask, and no
+    padding mask to add to it (the layers' `attention_mask` is None; a causal mask goes into the diagonals). Not in a
+    compiled graph, which reads no positions on the host."""
+    return (config._attn_implementation == "sdpa" and encoding.toeplitz and device.type == "cpu"
+            and attention_mask is None and not encoding.bias_needs_grad() and not torch.compiler.is_compiling())
+
+
+def toeplitz_diagonals(encoding: PositionEncoding, state: PositionState) -> torch.Tensor:
+    """`encoding.toeplitz_bias` `[heads, q_len + k_len - 1]` in the kernel's dtype, with a causal encoding's
+    mask folded in: keys after the query (`j - i > 0`) get the dtype's minimum, as transformers' masks do."""
+    diagonals = encoding.toeplitz_bias(state).to(state.dtype)
+    if encoding.causal:
+        query_length = state.query_positions.shape[1]
+        distance = torch.arange(diagonals.shape[-1], device=diagonals.device) - (query_length - 1)
+        diagonals = diagonals.masked_fill(distance + state.uniform_offset > 0, torch.finfo(state.dtype).min)
+    return diagonals.contiguous()
+
+
 def position_state(
     config, encoding: PositionEncoding, query_positions: torch.Tensor, key_positions: torch.Tensor,
-    dtype: torch.dtype, checkpointing: bool = False,
+    dtype: torch.dtype, checkpointing: bool = False, attention_mask=None,
 ) -> PositionState:
-    """What `encoding` prepares once per forward for every layer (`prepare`, dense or not for the kernel).
+    """What `encoding` prepares once per forward for every layer (`prepare`, dense or not for the kernel), given the
+    `attention_mask` the layers get (None: no padding mask).
 
     With `checkpointing` (layers under gradient checkpointing), tables that carry autograd history (a learned bias)
     are left for each layer to build inside its checkpointed region: a reentrant replay runs backward through what
     the layer read, and a graph shared by all layers can be run backward only once.
     """
+    if toeplitz_kernel(config, encoding, attention_mask, query_positions.device):
+        state = encoding.prepare(query_positions, key_positions, dtype, dense=False)
+        if state.uniform_offset is not None:
+            state.tables["toeplitz"] = toeplitz_diagonals(encoding, state)
+            return state
     state = encoding.prepare(query_positions, key_positions, dtype,
                              dense=dense_bias(config, encoding, query_positions, key_positions))
     if checkpointing:
@@ -402,6 +428,32 @@ def query_blocked_attention_forward(
         query, key, value, attention_mask, bias_rows, row_tables, scaling, dropout, causal, block_size, *tables,
     )
     return output.transpose(1, 2).contiguous(), None
+
+
+def toeplitz_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    diagonals: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """sdpa's contract (`[batch, q_len, heads, d]`, no weights) for a bias of `j - i` alone, read by torch's fused
+    kernel from its `diagonals` `[heads, q_len + k_len - 1]` (`toeplitz_diagonals`).
+
+    With the queries in reverse order the bias of (query `i`, key `j`) is entry `(q_len - 1 - i) + j`: constant
+    along anti-diagonals, a view of the diagonals with strides (1, 1). No `[q_len, k_len]` mask is built or read
+    from memory; reversing the queries and the output costs two copies of `[batch, heads, q_len, d]`.
+    """
+    query_length, key_length = query.shape[2], key.shape[2]
+    mask = diagonals.as_strided((1, diagonals.shape[0], query_length, key_length), (0, diagonals.stride(0), 1, 1))
+    output = nn.functional.scaled_dot_product_attention(
+        query.flip(2), key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+        enable_gqa=key.shape[1] != query.shape[1],
+    )
+    return output.transpose(1, 2).flip(1).contiguous(), None
 
 
 def resolve_kernel(implementation: str | None, encoding: type[PositionEncoding] | PositionEncoding | None) -> str:
@@ -448,6 +500,10 @@ def attention_forward(
         bias_key = repeat_kv(key, query.shape[1] // key.shape[1]) if encoding.content_bias else key
         if implementation == "flex_attention":
             kwargs["score_mod"] = encoding.score_mod(query, bias_key, state, module.layer_idx)
+        elif implementation == "sdpa" and "toeplitz" in state.tables:
+            return toeplitz_attention_forward(
+                module, query, key, value, state.tables["toeplitz"], scaling, dropout, **kwargs
+            )
         elif implementation == "sdpa" and (not state.dense or blocked_training(module.config, encoding, query.device)):
             return query_blocked_attention_forward(
                 module, query, key, value, attention_mask, encoding, state, scaling, dropout, **kwargs

@@ -144,13 +144,14 @@ class PositionEncoding(nn.Module):
     """Base class: every hook is a no-op; a scheme overrides the hooks it needs.
 
     Class attributes tell the kernels what to expect: `has_bias` (a score bias comes from `bias`/`score_mod`),
-    `content_bias` (that bias depends on the queries/keys of each layer), `decoder_only`, `row_tables` (how many
-    of the `bias_tables` are indexed by query).
+    `content_bias` (that bias depends on the queries/keys of each layer), `toeplitz` (it depends on `j - i` alone:
+    `toeplitz_bias`), `decoder_only`, `row_tables` (how many of the `bias_tables` are indexed by query).
     """
 
     name: str = ""
     has_bias: bool = False
     content_bias: bool = False
+    toeplitz: bool = False
     decoder_only: bool = False
     row_tables: int = 0
 
@@ -224,6 +225,12 @@ class PositionEncoding(nn.Module):
     ) -> ScoreMod | None:
         """The bias as a flex-attention `score_mod(score, b, h, q_idx, kv_idx)`, or None."""
         return None
+
+    def toeplitz_bias(self, state: PositionState) -> torch.Tensor:
+        """For a `toeplitz` scheme and consecutive positions (`uniform_offset` `c`): the bias at every distance of the
+        forward, `[heads, q_len + k_len - 1]`, entry `m` at `j - i = m - (q_len - 1) + c`; so the bias of query `i`
+        and key `j` is entry `(q_len - 1 - i) + j`."""
+        raise NotImplementedError
 
     def bind_projections(self, projections: list[tuple[nn.Module, nn.Module]]) -> None:
         """Receive each layer's `(query, key)` projection modules, for schemes that project their position
@@ -530,6 +537,7 @@ class StaticBiasEncoding(PositionEncoding):
     """
 
     has_bias = True
+    toeplitz = True
 
     def distance_bias(self, distance: torch.Tensor, tables: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The bias `[heads, n]` at the distances `j - i` in `distance` `[n]` (fp32), from `tables`."""
@@ -584,6 +592,12 @@ class StaticBiasEncoding(PositionEncoding):
         first, stop, _ = rows.indices(state.query_positions.shape[1])
         key_length = state.key_positions.shape[1]
         return DiagonalRows.apply(distance_table, offset + reach - first, stop - first, key_length)[None]
+
+    def toeplitz_bias(self, state: PositionState) -> torch.Tensor:
+        query_length, offset = state.query_positions.shape[1], state.uniform_offset
+        distance = torch.arange(offset - query_length + 1, offset + state.key_positions.shape[1],
+                                device=state.query_positions.device, dtype=torch.float32)
+        return self.distance_bias(distance, self.parameter_tables())
 
     def score_mod(
         self, query: torch.Tensor, key: torch.Tensor, state: PositionState, layer_idx: int
@@ -719,6 +733,7 @@ class FireEncoding(StaticBiasEncoding):
     encoder the distance is `|i - j|`."""
 
     name = "fire"
+    toeplitz = False  # past the threshold the normaliser psi(i) depends on the query
     init_c = 0.1
     init_threshold = 512.0
 

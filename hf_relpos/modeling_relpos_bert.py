@@ -287,7 +287,7 @@ class RelPosBertModel(RelPosBertPreTrainedModel):
             )
         state = position_state(
             self.config, self.position_encoding, query_positions, key_positions, hidden_states.dtype,
-            self.checkpointing_layers(),
+            self.checkpointing_layers(), mask,
         )
         hidden_states = self.encoder(
             hidden_states, mask, self.position_encoding, state, cache=cache,

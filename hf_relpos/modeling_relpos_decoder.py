@@ -42,5 +42,6 @@ def decoder_inputs(
     query_positions, key_positions = cached_positions(attention_mask, position_ids, inputs_embeds, cache)
     # The cache is passed by position: its keyword is `past_key_values` before 5.24 and `cache` from it on.
     mask = create_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids=query_positions)
-    state = position_state(config, encoding, query_positions, key_positions, inputs_embeds.dtype, checkpointing)
+    state = position_state(config, encoding, query_positions, key_positions, inputs_embeds.dtype, checkpointing,
+                           mask)
     return DecoderInputs(query_positions, mask, state)

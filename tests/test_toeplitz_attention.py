@@ -1,0 +1,161 @@
+"""sdpa on CPU with a bias of `j - i` alone that needs no gradient (ALiBi, frozen or inference T5 and KERPLE): the
+fused kernel reads the bias from its `[heads, q_len + k_len - 1]` diagonals, through a strided view over reversed
+queries, and gives eager's outputs and gradients without a `[q_len, k_len]` mask."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_bert_config, tiny_gpt_config, tiny_llama_config
+from torch.autograd.graph import saved_tensors_hooks
+
+from hf_relpos import RelPosBertModel, RelPosGPTForCausalLM, RelPosLlamaForCausalLM
+from hf_relpos.attention import position_state, toeplitz_attention_forward
+from hf_relpos.encodings import PositionState, alibi_slopes, build_position_encoding
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TOEPLITZ_ENCODINGS = ["alibi", "t5", "kerple"]
+LENGTH = 40
+
+
+def sdpa_config(name: str, **overrides):
+    config = tiny_bert_config(position_embedding_type=name, **overrides)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "decoder"])
+@pytest.mark.parametrize("name", TOEPLITZ_ENCODINGS)
+def test_toeplitz_bias_entry_q_len_minus_1_minus_i_plus_j_is_the_bias_of_query_i_and_key_j(name, causal):
+    encoding = build_position_encoding(tiny_bert_config(position_embedding_type=name), causal)
+    with torch.no_grad():
+        for parameter in encoding.parameters():
+            parameter.copy_(torch.rand_like(parameter) + 0.1)
+    # A decode-like step: 5 queries after 12 cached keys, then 3 more slots.
+    query_positions, key_positions = torch.arange(12, 17)[None], torch.arange(20)[None]
+    state = PositionState(query_positions, key_positions, dense=True)
+    diagonals = encoding.toeplitz_bias(state)
+    assert diagonals.shape == (4, 5 + 20 - 1)
+    i, j = torch.meshgrid(torch.arange(5), torch.arange(20), indexing="ij")
+    dense = encoding.dense_bias(state)[0]
+    torch.testing.assert_close(diagonals[:, 4 - i + j], dense)
+
+
+def test_alibi_toeplitz_bias_is_minus_slope_times_distance():
+    encoding = build_position_encoding(tiny_bert_config(position_embedding_type="alibi"), causal=False)
+    state = PositionState(torch.arange(3)[None], torch.arange(3)[None])
+    # Entries m = 0..4 are the distances -2..2.
+    want = -torch.tensor([2.0, 1.0, 0.0, 1.0, 2.0]) * alibi_slopes(4)[:, None]
+    torch.testing.assert_close(encoding.toeplitz_bias(state), want)
+
+
+def test_sdpa_reads_the_diagonals_only_for_a_constant_bias_without_padding_on_cpu():
+    positions = torch.arange(LENGTH).expand(2, -1)
+
+    def state(name="alibi", mask=None, positions=positions, frozen=False, implementation="sdpa", grad=True):
+        config = sdpa_config(name)
+        config._attn_implementation = implementation
+        encoding = build_position_encoding(config, causal=False).requires_grad_(not frozen)
+        with torch.set_grad_enabled(grad):
+            return position_state(config, encoding, positions, positions, torch.float32, attention_mask=mask)
+
+    assert state().tables["toeplitz"].shape == (4, 2 * LENGTH - 1)
+    assert not state().dense
+    assert "toeplitz" in state("t5", frozen=True).tables
+    assert "toeplitz" in state("kerple", grad=False).tables
+    assert "toeplitz" not in state("t5").tables  # its table trains: the query-blocked kernel
+    assert "toeplitz" not in state("fire", grad=False).tables  # past the threshold FIRE depends on the query
+    assert "toeplitz" not in state(mask=torch.zeros(2, 1, LENGTH, LENGTH)).tables  # padding: a dense mask
+    assert "toeplitz" not in state(implementation="eager").tables
+    restarted = torch.cat((torch.arange(LENGTH // 2), torch.arange(LENGTH // 2))).expand(2, -1)
+    assert "bias" in state(positions=restarted).tables  # packed sequences: no single diagonal per distance
+
+
+def test_a_causal_encodings_diagonals_mask_the_keys_after_the_query():
+    config = sdpa_config("alibi", is_decoder=True)
+    encoding = build_position_encoding(config, causal=True)
+    positions = torch.arange(6)[None]
+    diagonals = position_state(config, encoding, positions, positions, torch.float32).tables["toeplitz"]
+    # Entries 0..10 are the distances -5..5; the last five are keys after the query.
+    assert (diagonals[:, 6:] == torch.finfo(torch.float32).min).all()
+    torch.testing.assert_close(diagonals[:, :6], encoding.toeplitz_bias(
+        PositionState(positions, positions))[:, :6])
+
+
+def test_toeplitz_attention_equals_softmax_with_the_dense_bias_in_value_and_gradient(seed):
+    query, key, value = (torch.randn(2, 4, LENGTH, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    distance = torch.arange(LENGTH)[None, :] - torch.arange(LENGTH)[:, None]
+    slopes = torch.rand(4, 1, 1, dtype=torch.float64)
+    dense = -slopes * distance.abs()
+    diagonals = -slopes[:, 0] * torch.arange(1 - LENGTH, LENGTH).abs()
+    scores = query @ key.transpose(-1, -2) * 8**-0.5 + dense
+    want = (scores.softmax(-1) @ value).transpose(1, 2)
+    got, _ = toeplitz_attention_forward(torch.nn.Module(), query, key, value, diagonals, 8**-0.5)
+    torch.testing.assert_close(got, want)
+    grad = torch.randn_like(want)
+    for got_grad, want_grad in zip(torch.autograd.grad(got, (query, key, value), grad),
+                                   torch.autograd.grad(want, (query, key, value), grad), strict=True):
+        torch.testing.assert_close(got_grad, want_grad)
+
+
+def eager_and_sdpa(model_class, config):
+    eager = model_class._from_config(copy.deepcopy(config), attn_implementation="eager")
+    sdpa = model_class._from_config(copy.deepcopy(config), attn_implementation="sdpa")
+    sdpa.load_state_dict(eager.state_dict())
+    return eager, sdpa
+
+
+MODELS = {
+    "encoder": lambda name: (RelPosBertModel, tiny_bert_config(position_embedding_type=name)),
+    "gpt": lambda name: (RelPosGPTForCausalLM, tiny_gpt_config(name)),
+    "llama": lambda name: (RelPosLlamaForCausalLM, tiny_llama_config(name)),  # grouped-query attention
+}
+
+
+@pytest.mark.parametrize("layout", list(MODELS))
+@pytest.mark.parametrize("name", TOEPLITZ_ENCODINGS)
+def test_inference_on_the_diagonals_equals_eager(seed, name, layout):
+    eager, sdpa = (model.eval() for model in eager_and_sdpa(*MODELS[layout](name)))
+    input_ids = torch.randint(3, 99, (2, LENGTH))
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa(input_ids=input_ids)[0], eager(input_ids=input_ids)[0])
+
+
+def saved_query_by_key_storages(model, input_ids) -> list[int]:
+    """Elements of the storage behind each `[..., len, len]` tensor the forward keeps for backward."""
+    sizes = []
+
+    def pack(tensor):
+        if tensor.shape[-2:] == input_ids.shape[-1:] * 2:
+            sizes.append(tensor.untyped_storage().nbytes() // tensor.element_size())
+        return tensor
+
+    with saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = model(input_ids=input_ids)[0]
+    output.pow(2).mean().backward()
+    return sizes
+
+
+@pytest.mark.parametrize("layout", list(MODELS))
+def test_alibi_training_on_the_diagonals_equals_eager_and_keeps_no_query_by_key_mask(seed, layout):
+    eager, sdpa = (model.train() for model in eager_and_sdpa(*MODELS[layout]("alibi")))
+    input_ids = torch.randint(3, 99, (2, LENGTH))
+    eager(input_ids=input_ids)[0].pow(2).mean().backward()
+    # The fused kernel keeps its mask for backward: a view of the diagonals, `heads * (2 LENGTH - 1)` elements.
+    assert saved_query_by_key_storages(sdpa, input_ids) == [4 * (2 * LENGTH - 1)] * 2
+    for (parameter_name, want), got in zip(eager.named_parameters(), sdpa.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=parameter_name)
+
+
+def test_static_cache_generation_reads_the_diagonals_and_masks_the_empty_slots(seed):
+    # A static cache's prefill attends over all its slots without a mask: the empty ones sit at positive distances.
+    model = RelPosGPTForCausalLM._from_config(tiny_gpt_config("alibi"), attn_implementation="sdpa").eval()
+    input_ids = torch.randint(3, 99, (1, 7))
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(input_ids))
+    dynamic = model.generate(input_ids, **kwargs)
+    static = model.generate(input_ids, cache_implementation="static", **kwargs)
+    model.set_attn_implementation("eager")
+    torch.testing.assert_close(static, dynamic, rtol=0, atol=0)
+    torch.testing.assert_close(model.generate(input_ids, **kwargs), dynamic, rtol=0, atol=0)
