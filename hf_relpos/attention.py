@@ -424,8 +424,20 @@ def query_blocked_attention_forward(
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = query.shape[2] > 1 and attention_mask is None and is_causal
     block_size = max(16, BLOCK_SCORES // (query.shape[0] * query.shape[1] * key.shape[2]))
+    fused_forward = None
+    if (encoding.toeplitz and not state.dense and attention_mask is None and dropout == 0.0
+            and state.uniform_offset is not None):
+        # Several blocks of a bias of `j - i`: forward by torch's kernel over the bias's diagonals (whose backward
+        # gives the bias no gradient), backward by the blocks.
+        with torch.no_grad():
+            diagonals = toeplitz_diagonals(encoding, state)
+
+        def fused_forward(query, key, value):
+            return toeplitz_attention_forward(module, query, key, value, diagonals, scaling)[0].transpose(1, 2)
+
     output = QueryBlockedAttention.apply(
-        query, key, value, attention_mask, bias_rows, row_tables, scaling, dropout, causal, block_size, *tables,
+        query, key, value, attention_mask, bias_rows, row_tables, scaling, dropout, causal, block_size,
+        fused_forward, *tables,
     )
     return output.transpose(1, 2).contiguous(), None
 

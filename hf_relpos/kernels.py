@@ -24,19 +24,25 @@ class QueryBlockedAttention(torch.autograd.Function):
     The first `row_tables` tables are indexed by query on dim -2: `bias_rows` gets the block's slice of them, and
     their gradient is written into that slice. When all queries fit in one block the probabilities are kept for
     backward instead (no larger than a block). Dropout masks are regenerated in backward from one seed per call.
+    `fused_forward(query, key, value)`, when given (no dropout), computes the output instead of the blocks: a fused
+    kernel reading the same bias without its gradient; backward recomputes each block's probabilities either way.
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, mask, bias_rows, row_tables, scaling, dropout, causal, block_size, *tables):
+    def forward(ctx, query, key, value, mask, bias_rows, row_tables, scaling, dropout, causal, block_size,
+                fused_forward, *tables):
         seed = int(torch.randint(2**62, ())) if dropout > 0.0 else 0
-        scaled_query = query * scaling
-        output = torch.empty_like(query)
-        blocks = query_blocks(query.shape[2], block_size)
-        for rows in blocks:
-            bias = bias_rows(block_tables(tables, row_tables, rows), rows)
-            probabilities = block_probabilities(scaled_query, key, mask, bias, causal, rows)
-            output[:, :, rows] = torch.matmul(block_dropout(probabilities, dropout, seed, rows), value)
-        kept = probabilities if len(blocks) == 1 else None
+        kept = None
+        if fused_forward is not None:
+            output = fused_forward(query, key, value)
+        else:
+            scaled_query, output = query * scaling, torch.empty_like(query)
+            blocks = query_blocks(query.shape[2], block_size)
+            for rows in blocks:
+                bias = bias_rows(block_tables(tables, row_tables, rows), rows)
+                probabilities = block_probabilities(scaled_query, key, mask, bias, causal, rows)
+                output[:, :, rows] = torch.matmul(block_dropout(probabilities, dropout, seed, rows), value)
+            kept = probabilities if len(blocks) == 1 else None
         ctx.save_for_backward(query, key, value, mask, output, kept, *tables)
         ctx.options = bias_rows, row_tables, scaling, dropout, causal, block_size, seed
         return output
@@ -47,7 +53,7 @@ class QueryBlockedAttention(torch.autograd.Function):
         bias_rows, row_tables, scaling, dropout, causal, block_size, seed = ctx.options
         scaled_query = query * scaling
         grad_query, grad_key, grad_value = torch.empty_like(query), torch.zeros_like(key), torch.zeros_like(value)
-        needs_grad = ctx.needs_input_grad[10:]
+        needs_grad = ctx.needs_input_grad[11:]
         grad_tables = [torch.zeros_like(table) if needs else None
                        for table, needs in zip(tables, needs_grad, strict=True)]
         # rowsum(dO * O) = rowsum(dP * P): the softmax backward's correction term, one value per query.
@@ -76,7 +82,7 @@ class QueryBlockedAttention(torch.autograd.Function):
                     if grad is not None:
                         total = grad_tables[index][..., rows, :] if index < row_tables else grad_tables[index]
                         total += grad
-        return grad_query, grad_key, grad_value, None, None, None, None, None, None, None, *grad_tables
+        return grad_query, grad_key, grad_value, None, None, None, None, None, None, None, None, *grad_tables
 
 
 def block_tables(tables, row_tables: int, rows: slice) -> list[torch.Tensor]:
@@ -133,7 +139,8 @@ class DiagonalRows(torch.autograd.Function):
     def forward(ctx, table: torch.Tensor, start: int, rows: int, cols: int) -> torch.Tensor:
         ctx.shape, ctx.first = table.shape, start - rows + 1
         windows = table.unfold(-1, cols, 1)
-        # Row r is window start - r. Reversing a contiguous copy is fast; by chunks, that copy stays small.
+        # Row r is window start - r. Reversing a contiguous copy is fast; by chunks, that copy stays small. (Flipping
+        # the strided view itself is faster alone, but leaves a column-major result that slows every later op.)
         if rows <= 256:
             return windows[:, ctx.first : start + 1].contiguous().flip(1)
         out = table.new_empty(table.shape[0], rows, cols)
