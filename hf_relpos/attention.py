@@ -350,7 +350,9 @@ def dense_bias(
     return True
 
 
-def toeplitz_kernel(config, encoding: PositionEncoding, attention_mask, device: torch.device) -> bool:
+def toeplitz_kernel(
+    config, encoding: PositionEncoding, attention_mask: torch.Tensor | BlockMask | None, device: torch.device
+) -> bool:
     """Whether sdpa reads the bias from its diagonals (`toeplitz_attention_forward`): a bias of `j - i` alone
     (`encoding.toeplitz`) that needs no gradient, on CPU, whose fused kernel reads a strided float mask, and no
     padding mask to add to it (the layers' `attention_mask` is None; a causal mask goes into the diagonals). Not in a
@@ -372,7 +374,7 @@ def toeplitz_diagonals(encoding: PositionEncoding, state: PositionState) -> torc
 
 def position_state(
     config, encoding: PositionEncoding, query_positions: torch.Tensor, key_positions: torch.Tensor,
-    dtype: torch.dtype, checkpointing: bool = False, attention_mask=None,
+    dtype: torch.dtype, checkpointing: bool = False, attention_mask: torch.Tensor | BlockMask | None = None,
 ) -> PositionState:
     """What `encoding` prepares once per forward for every layer (`prepare`, dense or not for the kernel), given the
     `attention_mask` the layers get (None: no padding mask).
