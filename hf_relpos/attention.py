@@ -461,6 +461,9 @@ def toeplitz_attention_forward(
     along anti-diagonals, a view of the diagonals with strides (1, 1). No `[q_len, k_len]` mask is built or read
     from memory; reversing the queries and the output costs two copies of `[batch, heads, q_len, d]`.
     """
+    if kwargs.get("output_attentions", False):
+        logger.warning_once("attn_implementation='sdpa' returns no attention weights: set it to 'eager' for "
+                            "output_attentions=True.")
     query_length, key_length = query.shape[2], key.shape[2]
     mask = diagonals.as_strided((1, diagonals.shape[0], query_length, key_length), (0, diagonals.stride(0), 1, 1))
     output = nn.functional.scaled_dot_product_attention(

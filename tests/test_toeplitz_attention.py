@@ -8,7 +8,10 @@ import pytest
 import torch
 from conftest import tiny_bert_config, tiny_gpt_config, tiny_llama_config
 from torch.autograd.graph import saved_tensors_hooks
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging
 
+import hf_relpos.attention
 from hf_relpos import RelPosBertModel, RelPosGPTForCausalLM, RelPosLlamaForCausalLM
 from hf_relpos.attention import position_state, toeplitz_attention_forward
 from hf_relpos.encodings import PositionState, alibi_slopes, build_position_encoding
@@ -159,3 +162,12 @@ def test_static_cache_generation_reads_the_diagonals_and_masks_the_empty_slots(s
     model.set_attn_implementation("eager")
     torch.testing.assert_close(static, dynamic, rtol=0, atol=0)
     torch.testing.assert_close(model.generate(input_ids, **kwargs), dynamic, rtol=0, atol=0)
+
+
+def test_output_attentions_on_the_diagonals_says_that_sdpa_returns_no_weights():
+    model = RelPosBertModel._from_config(tiny_bert_config(position_embedding_type="alibi"),
+                                         attn_implementation="sdpa").eval()
+    logging.warning_once.cache_clear()  # the warning is emitted once per process
+    with CaptureLogger(logging.get_logger(hf_relpos.attention.__name__)) as captured, torch.no_grad():
+        model(input_ids=torch.randint(3, 99, (1, 9)), output_attentions=True)
+    assert "eager" in captured.out and "output_attentions" in captured.out
