@@ -372,6 +372,14 @@ def toeplitz_diagonals(encoding: PositionEncoding, state: PositionState) -> torc
     return diagonals.contiguous()
 
 
+def masked_bias(bias: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """`bias` `[batch or 1, heads, q_len, k_len]` with a prepared 4D `attention_mask` folded in: an additive float
+    mask added, a boolean one (True = attend) as the dtype's minimum where it is False."""
+    if attention_mask.dtype == torch.bool:
+        return torch.where(attention_mask, bias, torch.finfo(bias.dtype).min)
+    return bias + attention_mask
+
+
 def position_state(
     config, encoding: PositionEncoding, query_positions: torch.Tensor, key_positions: torch.Tensor,
     dtype: torch.dtype, checkpointing: bool = False, attention_mask: torch.Tensor | BlockMask | None = None,
@@ -390,6 +398,12 @@ def position_state(
             return state
     state = encoding.prepare(query_positions, key_positions, dtype,
                              dense=dense_bias(config, encoding, query_positions, key_positions))
+    bias = state.tables.get("bias")
+    if (bias is not None and not bias.requires_grad and isinstance(attention_mask, torch.Tensor)
+            and config._attn_implementation in ("eager", "sdpa")):
+        # A position-only bias without a gradient and the layers' padding mask, added once for every layer (the
+        # kernels would each add them again: a `[batch, heads, q_len, k_len]` pass per layer).
+        state.tables["masked_bias"] = masked_bias(state.tables.pop("bias"), attention_mask)
     if checkpointing:
         state.tables = {name: table for name, table in state.tables.items() if not table.requires_grad}
     return state
@@ -521,6 +535,8 @@ def attention_forward(
             return toeplitz_attention_forward(
                 module, query, key, value, state.tables["toeplitz"], scaling, dropout, **kwargs
             )
+        elif "masked_bias" in state.tables:
+            attention_mask = state.tables["masked_bias"]
         elif implementation == "sdpa" and (not state.dense or blocked_training(module.config, encoding, query.device)):
             return query_blocked_attention_forward(
                 module, query, key, value, attention_mask, encoding, state, scaling, dropout, **kwargs

@@ -1,6 +1,7 @@
 """sdpa on CPU with a bias of `j - i` alone that needs no gradient (ALiBi, frozen or inference T5 and KERPLE): the
 fused kernel reads the bias from its `[heads, q_len + k_len - 1]` diagonals, through a strided view over reversed
-queries, and gives eager's outputs and gradients without a `[q_len, k_len]` mask."""
+queries, and gives eager's outputs and gradients without a `[q_len, k_len]` mask. With a padding mask, the mask is
+folded into such a bias once per forward for every layer."""
 
 import copy
 
@@ -171,3 +172,30 @@ def test_output_attentions_on_the_diagonals_says_that_sdpa_returns_no_weights():
     with CaptureLogger(logging.get_logger(hf_relpos.attention.__name__)) as captured, torch.no_grad():
         model(input_ids=torch.randint(3, 99, (1, 9)), output_attentions=True)
     assert "eager" in captured.out and "output_attentions" in captured.out
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_a_padding_mask_is_folded_into_a_constant_bias_once_for_every_layer(implementation):
+    config = sdpa_config("alibi")
+    config._attn_implementation = implementation
+    encoding = build_position_encoding(config, causal=False)
+    positions = torch.stack((torch.arange(6), torch.tensor([0, 0, 0, 1, 2, 3])))  # the second row: two pads on the left
+    allowed = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    allowed[1, ..., :2] = False
+    state = position_state(config, encoding, positions, positions, torch.float32, attention_mask=allowed)
+    assert "bias" not in state.tables
+    bias = encoding.dense_bias(PositionState(positions, positions))
+    want = torch.where(allowed, bias, torch.finfo(torch.float32).min)
+    torch.testing.assert_close(state.tables["masked_bias"], want, rtol=0, atol=0)
+    additive = torch.zeros(2, 1, 6, 6).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    state = position_state(config, encoding, positions, positions, torch.float32, attention_mask=additive)
+    torch.testing.assert_close(state.tables["masked_bias"], bias + additive, rtol=0, atol=0)
+
+
+def test_a_bias_that_trains_keeps_its_mask_apart():
+    config = sdpa_config("t5")
+    encoding = build_position_encoding(config, causal=False)
+    positions = torch.arange(6).expand(2, -1)
+    state = position_state(config, encoding, positions, positions, torch.float32,
+                           attention_mask=torch.ones(2, 1, 6, 6, dtype=torch.bool))
+    assert "masked_bias" not in state.tables
