@@ -883,23 +883,6 @@ def gather_relative_keys(scores: torch.Tensor, index: torch.Tensor, falls: bool 
     return scores.transpose(-1, -2).expand(index.shape[0], -1, -1, -1).gather(-2, index)
 
 
-def key_pair_scores(key: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`out[b, h, i, j] = key[b, h, j] . rows[index[b, i, j], h]`, for few queries (a decode step): the table rows
-    of the pairs present are copied whole (`index_select` of the table's 2D view, several times faster than advanced
-    indexing here) and multiplied with their keys. `key` `[batch, heads, k_len, d]`, `rows` `[n, d]` (shared by the
-    heads) or `[n, heads, d]`, `index` `[batch, q_len, k_len]`. Returns `[batch, heads, q_len, k_len]`.
-
-    No `[batch, heads, q_len, k_len, d]` product is allocated beside the copied rows: at GPT-2 small's widths each
-    such temporary (0.4 MB per layer and step) cost more in fresh memory pages than its arithmetic."""
-    index = index.expand(key.shape[0], -1, -1)
-    pairs = rows.flatten(1).index_select(0, index.reshape(-1)).view(*index.shape, *rows.shape[1:])
-    if rows.dim() == 2:
-        # `[batch, k_len, heads, d] @ [batch, k_len, d, q_len]`: one small matmul per key.
-        return torch.matmul(key.transpose(1, 2), pairs.permute(0, 2, 3, 1)).permute(0, 2, 3, 1)
-    # The copied rows are this call's own, so they take the product in place.
-    return pairs.mul_(key.transpose(1, 2)[:, None]).sum(-1).permute(0, 3, 1, 2)
-
-
 class RelativeKeyEncoding(PositionEncoding):
     """Shaw et al. 2018 / Huang et al. 2020 (method 3): `b(i, j) = q_i . r_clip(j - i, k) / sqrt(d)` with a learned
     `r` of `2k + 1` rows of `head_dim` per layer, `k = max_relative_positions`."""
@@ -966,10 +949,13 @@ class RelativeKeyEncoding(PositionEncoding):
     def bias(self, query, key, state, layer_idx):
         table = self.distance_embedding[layer_idx].weight
         if self.uses_keys and query.shape[2] * query.shape[-1] <= table.shape[0]:
-            # Few queries (a decode step): `k_j . r` for the pairs present, O(k_len d), not every cached key against
-            # every row, O(k_len (2k + 1) d).
-            table, scale, index = table.to(query.dtype), self.scaling(query.shape[-1]), self.relative_index(state)
-            return (gather_relative(torch.matmul(query, table.T), index) + key_pair_scores(key, table, index)) * scale
+            # Few queries (a decode step): the rows of the pairs present, O(q_len k_len d), not every cached key
+            # against every row, O(k_len (2k + 1) d). `q_i . r + k_j . r = (q_i + k_j) . r`: one in-place product of
+            # the rows with the keys shifted by each query, no gather of a `q . r` table, no per-key matmul.
+            index = self.relative_index(state)
+            rows = table.to(query.dtype).index_select(0, index.reshape(-1)).view(*index.shape, -1)
+            rows = rows.mul_(self.scaling(query.shape[-1]))[:, None]
+            return (key[:, :, None] + query[:, :, :, None]).mul_(rows).sum(-1)
         return self.bias_rows(self.bias_tables(query, key, state, layer_idx), state)
 
     def score_mod(self, query, key, state, layer_idx):
@@ -1155,8 +1141,9 @@ class DisentangledEncoding(PositionEncoding):
     def position_projections(
         self, layer_idx: int, dtype: torch.dtype, continues_cache: bool = False
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """`Kr` and `Qr` of one layer, `[heads, rows, head_dim]` each (None for a term not in `pos_att_type`), of the
-        relative table's rows from `first_row` (`rows = 2 span - first_row`).
+        """`Kr` and `Qr` of one layer, `[heads, rows, head_dim]` each and contiguous (None for a term not in
+        `pos_att_type`), of the relative table's rows from `first_row` (`rows = 2 span - first_row`). Head-major like
+        the keys, so a decode step copies each head's rows for its cached keys in one contiguous pass.
 
         They depend on parameters only, so without autograd (inference, generation) they are kept while the
         parameters they come from hold the same values: a decode step would otherwise project the whole table in
@@ -1180,7 +1167,7 @@ class DisentangledEncoding(PositionEncoding):
         relative = self.rel_embeddings.weight[self.first_row:]
         relative = (relative if self.LayerNorm is None else self.LayerNorm(relative)).to(dtype)
         heads = (2 * self.span - self.first_row, self.num_heads, self.head_dim)
-        projections = tuple(None if module is None else module(relative).view(heads).transpose(0, 1)
+        projections = tuple(None if module is None else module(relative).view(heads).transpose(0, 1).contiguous()
                             for module in modules)
         if keep:
             self._projections[layer_idx] = (dtype, [p.detach().clone() for p in parameters], projections)
@@ -1224,11 +1211,14 @@ class DisentangledEncoding(PositionEncoding):
             # cached key against every row of the table, O(k_len rows d).
             scale, index = self.scaling(query.shape[-1]), state.tables["index"]
             bias = 0
-            if pos_key is not None:
-                bias = gather_relative(torch.matmul(query, pos_key.transpose(-1, -2)), index)
             if pos_query is not None:
-                # `pos_query` is a view of the `[rows, heads, d]` projection: its rows are contiguous there.
-                bias = bias + key_pair_scores(key, pos_query.transpose(0, 1), index)
+                # Each head's rows of the pairs present, `[batch, heads, q_len, k_len, d]`, multiplied in place by
+                # their keys: no product is allocated beside the copy (a fresh 0.4 MB per layer at GPT-2 small).
+                index = index.expand(key.shape[0], -1, -1)
+                rows = pos_query.index_select(1, index.reshape(-1)).view(pos_query.shape[0], *index.shape, -1)
+                bias = rows.transpose(0, 1).mul_(key[:, :, None]).sum(-1)
+            if pos_key is not None:
+                bias = bias + gather_relative(torch.matmul(query, pos_key.transpose(-1, -2)), index)
             return bias * scale
         return self.bias_rows(self.bias_tables(query, key, state, layer_idx), state)
 

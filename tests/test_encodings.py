@@ -235,8 +235,9 @@ def test_decode_step_bias_from_key_pairs_equals_the_table_bias(seed, name, causa
 
 @pytest.mark.parametrize("name", ["relative_key_query", "deberta"])
 def test_decode_step_bias_from_key_pairs_has_the_gradients_of_the_elementwise_formula(seed, name):
-    # The key-pair path multiplies its copied table rows in place; autograd must still see every factor. The
-    # reference reads each pair's row by advanced indexing and sums the products without any in-place write.
+    # The decode paths multiply in place (DeBERTa its copied rows by the keys, relative_key_query the keys shifted
+    # by the query by its rows); autograd must still see every factor. The reference reads each pair's row by
+    # advanced indexing and sums the products without any in-place write.
     encoding, _ = make_encoding(name)
     key_positions = positions(2, 12)
     query_positions = key_positions[:, -2:]
