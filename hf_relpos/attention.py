@@ -225,9 +225,17 @@ def eager_attention_forward(
     """
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    if position_bias is not None:
-        scores = scores + position_bias
+    if position_bias is None:
+        scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    else:
+        # The bias is the GEMM's accumulator: one pass fewer over the scores, and a compiled graph materialises a
+        # gathered bias once instead of recomputing its gathers in each of the softmax's passes.
+        batch, heads, length, dim = query.shape
+        bias = position_bias.to(query.dtype).expand(batch, heads, length, key.shape[2])
+        scores = torch.baddbmm(
+            bias.reshape(batch * heads, length, -1), query.reshape(batch * heads, length, dim),
+            key.reshape(batch * heads, -1, dim).transpose(1, 2), alpha=scaling,
+        ).view(batch, heads, length, -1)
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
@@ -327,13 +335,26 @@ BLOCK_SCORES = 2**21
 BIAS_KERNELS = ("eager", "sdpa", "flex_attention")
 
 
-def blocked_training(config, encoding: PositionEncoding, device: torch.device) -> bool:
-    """Whether sdpa runs `QueryBlockedAttention`: a bias that needs a gradient on CPU, where torch's sdpa gives a
-    bias a gradient only on its `[q_len, k_len]` math path. A bias without one stays on torch's fused kernel as a
-    float mask (a `[batch, heads, q_len, k_len]` tensor, shared by the layers). Under `torch.compile` the dense
-    bias goes to sdpa as well: inductor fuses the bias, scale, mask and softmax passes forward and backward."""
+def sdpa_bias_needs_grad(config, encoding: PositionEncoding, device: torch.device) -> bool:
+    """Whether sdpa on CPU meets a bias that needs a gradient, which torch's sdpa gives only on its `[q_len, k_len]`
+    math path. A bias without one stays on torch's fused kernel as a float mask."""
     return (config._attn_implementation == "sdpa" and encoding.has_bias and device.type == "cpu"
-            and encoding.bias_needs_grad() and not torch.compiler.is_compiling())
+            and encoding.bias_needs_grad())
+
+
+def blocked_training(config, encoding: PositionEncoding, device: torch.device) -> bool:
+    """Whether sdpa runs `QueryBlockedAttention`: a bias that needs a gradient on CPU, uncompiled. Under
+    `torch.compile` the dense bias is traced into the graph and `eager_attention_forward` takes it instead (see
+    `attention_forward`): inductor fuses the bias, scale, mask and softmax passes forward and backward."""
+    return sdpa_bias_needs_grad(config, encoding, device) and not torch.compiler.is_compiling()
+
+
+def causal_bias(bias: torch.Tensor, key_length: int) -> torch.Tensor:
+    """`bias` `[..., q_len, k_len]` with the keys after each query (the last `q_len` of the keys are the queries')
+    set to the dtype's minimum: sdpa's `is_causal` for a kernel that reads the bias alone."""
+    query_length = bias.shape[-2]
+    queries = torch.arange(query_length, device=bias.device)[:, None] + (key_length - query_length)
+    return bias.masked_fill(torch.arange(key_length, device=bias.device) > queries, torch.finfo(bias.dtype).min)
 
 
 def dense_bias(
@@ -542,6 +563,16 @@ def attention_forward(
                 module, query, key, value, attention_mask, encoding, state, scaling, dropout, **kwargs
             )
         elif (bias := encoding.bias(query, bias_key, state, module.layer_idx)) is not None:
+            if implementation == "sdpa" and sdpa_bias_needs_grad(module.config, encoding, query.device):
+                # Compiled (uncompiled, `blocked_training` took it above): inductor decomposes sdpa with a bias that
+                # needs a gradient into this math anyway, and eager's GEMM accumulates onto the bias, which inductor
+                # then materialises once instead of recomputing its gathers in each softmax pass. sdpa's masks leave
+                # causality to `is_causal` when there is no padding: the bias takes it here.
+                is_causal = kwargs.pop("is_causal", None)
+                is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+                if attention_mask is None and is_causal and query.shape[2] > 1:
+                    bias = causal_bias(bias, key.shape[2])
+                implementation = "eager"
             kwargs["position_bias"] = bias
     if implementation == "flex_attention":  # the one kernel that takes a `score_mod`: see `dense_bias`
         interface = flex_attention_forward

@@ -1,14 +1,15 @@
 """Compiled training, `torch.compile(model)` over the sdpa kernel: the bias of every encoding is computed in the
-compiled graph and handed to sdpa as a float mask (inductor fuses its passes), and the step equals the eager
-kernel's in loss and gradients. Compilation takes tens of seconds per encoding on CPU, hence `slow`."""
+compiled graph and, when it needs a gradient, added by eager's GEMM (inductor fuses its passes), and the step equals
+the eager kernel's in loss and gradients. Compilation takes tens of seconds per encoding on CPU, hence `slow`."""
 
 import copy
 
 import pytest
 import torch
-from conftest import BIAS_ENCODINGS, ENCODER_ENCODINGS, tiny_bert_config
+from conftest import BIAS_ENCODINGS, ENCODER_ENCODINGS, tiny_bert_config, tiny_gpt_config
 
-from hf_relpos import RelPosBertModel
+from hf_relpos import RelPosBertModel, RelPosGPTModel
+from hf_relpos.attention import causal_bias
 
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -33,3 +34,36 @@ def test_compiled_sdpa_training_step_equals_eager_in_loss_and_gradients(seed, na
     torch.testing.assert_close(losses[1], losses[0])
     for (parameter_name, want), got in zip(eager.named_parameters(), sdpa.parameters(), strict=True):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=parameter_name)
+
+
+@pytest.mark.parametrize("name", ["relative_key_query", "t5"])
+def test_compiled_sdpa_decoder_training_step_equals_eager_without_a_padding_mask(seed, name):
+    # Without padding, sdpa's masks leave causality to `is_causal`; the compiled path's eager kernel reads it from
+    # the bias instead, so a later key leaking into an earlier query would change the loss.
+    config = tiny_gpt_config(name, n_layer=1)
+    eager = RelPosGPTModel._from_config(copy.deepcopy(config), attn_implementation="eager").train()
+    sdpa = RelPosGPTModel._from_config(config, attn_implementation="sdpa").train()
+    sdpa.load_state_dict(eager.state_dict())
+    compiled = torch.compile(sdpa, dynamic=False)
+    input_ids = torch.randint(1, 99, (2, 12))
+    weights = torch.randn(2, 12, config.n_embd)
+    losses = []
+    for model in (eager, compiled):
+        loss = (model(input_ids=input_ids).last_hidden_state * weights).mean()
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0])
+    for (parameter_name, want), got in zip(eager.named_parameters(), sdpa.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=parameter_name)
+
+
+def test_causal_bias_masks_the_keys_after_each_query_with_the_cached_keys_first():
+    # 4 queries after 3 cached keys: query i sees keys 0 .. i + 3.
+    bias = torch.randn(2, 3, 4, 7)
+
+    got = causal_bias(bias, 7)
+
+    for i in range(4):
+        for j in range(7):
+            want = bias[..., i, j] if j <= i + 3 else torch.full((2, 3), torch.finfo(bias.dtype).min)
+            torch.testing.assert_close(got[..., i, j], want)
