@@ -787,10 +787,21 @@ class FireEncoding(StaticBiasEncoding):
         c, threshold = tables[0].abs(), tables[1].abs()
         return self.f((torch.log1p(c * distance.abs()) / torch.log1p(c * threshold))[:, None], tables).T
 
+    def f_by_pieces(self, x: torch.Tensor, tables: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """`f` at `x` `[batch, q_len, k_len]` by its pieces: `[batch, heads, q_len, k_len]`."""
+        breakpoints, slopes, intercepts = self.f_pieces(tables)
+        piece = torch.searchsorted(breakpoints, x.detach())
+        return (slopes.T[:, piece] * x + intercepts.T[:, piece]).transpose(0, 1)
+
     def pair_bias(self, state, tables):
         # Each query's own normaliser psi(max(L, i)), without the eager table's split at the threshold.
         x = self.normalized_distance(state.query_positions[:, :, None], state.key_positions[:, None, :], *tables[:2])
-        return self.f(x[..., None], tables).permute(0, 3, 1, 2)
+        if x.is_cuda:
+            # The MLP's hidden layer per pair: its backward is matmuls, where the gradient of a gather from the
+            # pieces' table would be atomic adds of every pair into a few entries, serialised on a GPU.
+            return self.f(x[..., None], tables).permute(0, 3, 1, 2)
+        # On a CPU the pieces: `[batch, q_len, k_len, width]` hidden units made a compiled step 2x slower.
+        return self.f_by_pieces(x, tables)
 
     def bias_rows(self, tables, state, rows=slice(None)):
         parameters = tables[1:]
@@ -804,14 +815,10 @@ class FireEncoding(StaticBiasEncoding):
         if state.same_rows:
             query_positions, key_positions = query_positions[:1], key_positions[:1]
         x = self.normalized_distance(query_positions[:, :, None], key_positions[:, None, :], *parameters[:2])
-        if state.dense and any(parameter.requires_grad for parameter in parameters):
-            # The MLP's hidden layer per pair: its backward is matmuls, where the gradient of a gather from the
-            # pieces' table would be atomic adds of every pair into a few entries, serialised on a GPU.
+        if x.is_cuda and state.dense and any(parameter.requires_grad for parameter in parameters):
+            # Per pair on a GPU, as in `pair_bias`.
             return torch.where(beyond[:, None, :, None], self.f(x[..., None], parameters).permute(0, 3, 1, 2), bias)
-        breakpoints, slopes, intercepts = self.f_pieces(parameters)
-        piece = torch.searchsorted(breakpoints, x.detach())
-        values = (slopes.T[:, piece] * x + intercepts.T[:, piece]).transpose(0, 1)
-        return torch.where(beyond[:, None, :, None], values, bias)
+        return torch.where(beyond[:, None, :, None], self.f_by_pieces(x, parameters), bias)
 
     def score_mod(self, query, key, state, layer_idx):
         if torch.compiler.is_compiling():

@@ -75,8 +75,8 @@ def test_blocked_attention_equals_dense_attention_in_value_and_gradient(seed, na
     output = blocked_attention(encoding, state, query, key, value, mask, block_size=3)
     grads = torch.autograd.grad(output.pow(2).sum(), inputs, materialize_grads=True)
 
-    # FIRE's MLP runs in fp32 whatever the model's dtype, per pair in the dense bias (it needs a gradient) and by
-    # its pieces in the blocked rows: values and gradients carry fp32 rounding.
+    # FIRE's MLP runs in fp32 whatever the model's dtype (by its pieces, in the dense bias and the blocked rows):
+    # values and gradients carry fp32 rounding.
     value_atol, grad_atol = (1e-5, 1e-5) if name == "fire" else (1e-9, 1e-8)
     torch.testing.assert_close(output, expected, rtol=1e-6, atol=value_atol)
     for got, want in zip(grads, expected_grads, strict=True):
