@@ -57,6 +57,26 @@ def test_compiled_sdpa_decoder_training_step_equals_eager_without_a_padding_mask
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=parameter_name)
 
 
+def test_compiled_sdpa_encoder_training_step_stays_bidirectional_without_a_padding_mask(seed):
+    # The other side of the decoder test: an encoder's queries keep seeing later keys when no mask is given.
+    config = tiny_bert_config(position_embedding_type="relative_key_query", num_hidden_layers=1)
+    eager = RelPosBertModel._from_config(copy.deepcopy(config), attn_implementation="eager").train()
+    sdpa = RelPosBertModel._from_config(config, attn_implementation="sdpa").train()
+    sdpa.load_state_dict(eager.state_dict())
+    compiled = torch.compile(sdpa, dynamic=False)
+    input_ids = torch.randint(1, 99, (2, 12))
+    weights = torch.randn(2, 12, config.hidden_size)
+    losses = []
+    for model in (eager, compiled):
+        output = model(input_ids=input_ids)
+        loss = (output.last_hidden_state * weights).mean() + output.pooler_output.mean()
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0])
+    for (parameter_name, want), got in zip(eager.named_parameters(), sdpa.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=parameter_name)
+
+
 def test_causal_bias_masks_the_keys_after_each_query_with_the_cached_keys_first():
     # 4 queries after 3 cached keys: query i sees keys 0 .. i + 3.
     bias = torch.randn(2, 3, 4, 7)
