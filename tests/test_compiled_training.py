@@ -15,25 +15,35 @@ from hf_relpos.attention import causal_bias
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
-@pytest.mark.parametrize("name", [name for name in BIAS_ENCODINGS if name in ENCODER_ENCODINGS])
-def test_compiled_sdpa_training_step_equals_eager_in_loss_and_gradients(seed, name):
-    config = tiny_bert_config(position_embedding_type=name, num_hidden_layers=1)
-    eager = RelPosBertModel._from_config(copy.deepcopy(config), attn_implementation="eager").train()
-    sdpa = RelPosBertModel._from_config(config, attn_implementation="sdpa").train()
+def assert_compiled_step_equals_eager(model_class, config, loss_of) -> None:
+    """One step of `loss_of(model)` on the eager kernel and on `torch.compile` over sdpa with the same weights: the
+    compiled step must give eager's loss and every gradient."""
+    eager = model_class._from_config(copy.deepcopy(config), attn_implementation="eager").train()
+    sdpa = model_class._from_config(config, attn_implementation="sdpa").train()
     sdpa.load_state_dict(eager.state_dict())
-    compiled = torch.compile(sdpa, dynamic=False)
-    input_ids = torch.randint(1, 99, (2, 12))
-    attention_mask = torch.ones(2, 12, dtype=torch.long)
-    attention_mask[0, :3] = 0
     losses = []
-    for model in (eager, compiled):
-        output = model(input_ids=input_ids, attention_mask=attention_mask)
-        loss = (output.last_hidden_state * attention_mask[..., None]).pow(2).mean() + output.pooler_output.mean()
+    for model in (eager, torch.compile(sdpa, dynamic=False)):
+        loss = loss_of(model)
         loss.backward()
         losses.append(loss)
     torch.testing.assert_close(losses[1], losses[0])
     for (parameter_name, want), got in zip(eager.named_parameters(), sdpa.parameters(), strict=True):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=parameter_name)
+
+
+@pytest.mark.parametrize("name", [name for name in BIAS_ENCODINGS if name in ENCODER_ENCODINGS])
+def test_compiled_sdpa_training_step_equals_eager_in_loss_and_gradients(seed, name):
+    input_ids = torch.randint(1, 99, (2, 12))
+    attention_mask = torch.ones(2, 12, dtype=torch.long)
+    attention_mask[0, :3] = 0
+
+    def loss_of(model):
+        output = model(input_ids=input_ids, attention_mask=attention_mask)
+        return (output.last_hidden_state * attention_mask[..., None]).pow(2).mean() + output.pooler_output.mean()
+
+    assert_compiled_step_equals_eager(
+        RelPosBertModel, tiny_bert_config(position_embedding_type=name, num_hidden_layers=1), loss_of
+    )
 
 
 @pytest.mark.parametrize("name", ["relative_key_query", "t5"])
@@ -41,40 +51,23 @@ def test_compiled_sdpa_decoder_training_step_equals_eager_without_a_padding_mask
     # Without padding, sdpa's masks leave causality to `is_causal`; the compiled path's eager kernel reads it from
     # the bias instead, so a later key leaking into an earlier query would change the loss.
     config = tiny_gpt_config(name, n_layer=1)
-    eager = RelPosGPTModel._from_config(copy.deepcopy(config), attn_implementation="eager").train()
-    sdpa = RelPosGPTModel._from_config(config, attn_implementation="sdpa").train()
-    sdpa.load_state_dict(eager.state_dict())
-    compiled = torch.compile(sdpa, dynamic=False)
-    input_ids = torch.randint(1, 99, (2, 12))
-    weights = torch.randn(2, 12, config.n_embd)
-    losses = []
-    for model in (eager, compiled):
-        loss = (model(input_ids=input_ids).last_hidden_state * weights).mean()
-        loss.backward()
-        losses.append(loss)
-    torch.testing.assert_close(losses[1], losses[0])
-    for (parameter_name, want), got in zip(eager.named_parameters(), sdpa.parameters(), strict=True):
-        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=parameter_name)
+    input_ids, weights = torch.randint(1, 99, (2, 12)), torch.randn(2, 12, config.n_embd)
+
+    assert_compiled_step_equals_eager(
+        RelPosGPTModel, config, lambda model: (model(input_ids=input_ids).last_hidden_state * weights).mean()
+    )
 
 
 def test_compiled_sdpa_encoder_training_step_stays_bidirectional_without_a_padding_mask(seed):
     # The other side of the decoder test: an encoder's queries keep seeing later keys when no mask is given.
     config = tiny_bert_config(position_embedding_type="relative_key_query", num_hidden_layers=1)
-    eager = RelPosBertModel._from_config(copy.deepcopy(config), attn_implementation="eager").train()
-    sdpa = RelPosBertModel._from_config(config, attn_implementation="sdpa").train()
-    sdpa.load_state_dict(eager.state_dict())
-    compiled = torch.compile(sdpa, dynamic=False)
-    input_ids = torch.randint(1, 99, (2, 12))
-    weights = torch.randn(2, 12, config.hidden_size)
-    losses = []
-    for model in (eager, compiled):
+    input_ids, weights = torch.randint(1, 99, (2, 12)), torch.randn(2, 12, config.hidden_size)
+
+    def loss_of(model):
         output = model(input_ids=input_ids)
-        loss = (output.last_hidden_state * weights).mean() + output.pooler_output.mean()
-        loss.backward()
-        losses.append(loss)
-    torch.testing.assert_close(losses[1], losses[0])
-    for (parameter_name, want), got in zip(eager.named_parameters(), sdpa.parameters(), strict=True):
-        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=parameter_name)
+        return (output.last_hidden_state * weights).mean() + output.pooler_output.mean()
+
+    assert_compiled_step_equals_eager(RelPosBertModel, config, loss_of)
 
 
 def test_causal_bias_masks_the_keys_after_each_query_with_the_cached_keys_first():
