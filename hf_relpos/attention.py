@@ -24,7 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
 from .encodings import PositionEncoding, PositionState, get_encoding_class
-from .kernels import QueryBlockedAttention
+from .kernels import QueryBlockedAttention, later_keys
 
 
 logger = logging.get_logger(__name__)
@@ -350,11 +350,20 @@ def blocked_training(config, encoding: PositionEncoding, device: torch.device) -
 
 
 def causal_bias(bias: torch.Tensor, key_length: int) -> torch.Tensor:
-    """`bias` `[..., q_len, k_len]` with the keys after each query (the last `q_len` of the keys are the queries')
-    set to the dtype's minimum: sdpa's `is_causal` for a kernel that reads the bias alone."""
+    """`bias` `[..., q_len, k_len]` with the keys after each query (`kernels.later_keys`) set to the dtype's
+    minimum: sdpa's `is_causal` for a kernel that reads the bias alone."""
     query_length = bias.shape[-2]
-    queries = torch.arange(query_length, device=bias.device)[:, None] + (key_length - query_length)
-    return bias.masked_fill(torch.arange(key_length, device=bias.device) > queries, torch.finfo(bias.dtype).min)
+    later = later_keys(slice(0, query_length), query_length, key_length, bias.device)
+    return bias.masked_fill(later, torch.finfo(bias.dtype).min)
+
+
+def causal_without_mask(
+    module: nn.Module, query_length: int, attention_mask: torch.Tensor | None, is_causal: bool | None
+) -> bool:
+    """Whether sdpa would apply `is_causal` itself: no mask given, several queries, and a causal module (the
+    `is_causal` the layer passes, else the module's attribute, as transformers' sdpa wrapper reads it)."""
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    return query_length > 1 and attention_mask is None and is_causal
 
 
 def dense_bias(
@@ -458,8 +467,7 @@ def query_blocked_attention_forward(
         def bias_rows(tables, rows):
             return encoding.bias_rows(tables, state, rows)
 
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    causal = query.shape[2] > 1 and attention_mask is None and is_causal
+    causal = causal_without_mask(module, query.shape[2], attention_mask, is_causal)
     block_size = max(16, BLOCK_SCORES // (query.shape[0] * query.shape[1] * key.shape[2]))
     fused_forward = None
     if (encoding.toeplitz and not state.dense and attention_mask is None and dropout == 0.0
@@ -568,9 +576,7 @@ def attention_forward(
                 # needs a gradient into this math anyway, and eager's GEMM accumulates onto the bias, which inductor
                 # then materialises once instead of recomputing its gathers in each softmax pass. sdpa's masks leave
                 # causality to `is_causal` when there is no padding: the bias takes it here.
-                is_causal = kwargs.pop("is_causal", None)
-                is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-                if attention_mask is None and is_causal and query.shape[2] > 1:
+                if causal_without_mask(module, query.shape[2], attention_mask, kwargs.pop("is_causal", None)):
                     bias = causal_bias(bias, key.shape[2])
                 implementation = "eager"
             kwargs["position_bias"] = bias

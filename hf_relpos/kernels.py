@@ -110,15 +110,20 @@ def block_probabilities(
         else:
             scores += block_mask
     elif causal:
-        offset = key.shape[2] - scaled_query.shape[2]
-        queries = torch.arange(rows.start, rows.stop, device=key.device)[:, None]
-        scores.masked_fill_(torch.arange(key.shape[2], device=key.device) > queries + offset,
+        scores.masked_fill_(later_keys(rows, scaled_query.shape[2], key.shape[2], key.device),
                             torch.finfo(scores.dtype).min)
     probabilities = nn.functional.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
     # Probabilities below ~1e-19 are zeroed: far keys under a steep bias (ALiBi) otherwise leave denormal floats,
     # which make every matmul that reads them (P v, P^T dO, dS k, dS^T q) several times slower on x86 CPUs.
     nn.functional.threshold_(probabilities, DENORMAL_GUARD, 0.0)
     return probabilities.to(scaled_query.dtype)
+
+
+def later_keys(rows: slice, query_length: int, key_length: int, device: torch.device) -> torch.Tensor:
+    """`[len(rows), k_len]`, True where key `j` comes after query `i` (the queries are the last `q_len` of the
+    keys, cached keys first): what a causal mask hides from the queries in `rows`."""
+    queries = torch.arange(rows.start, rows.stop, device=device)[:, None] + (key_length - query_length)
+    return torch.arange(key_length, device=device) > queries
 
 
 def block_dropout(probabilities: torch.Tensor, dropout: float, seed: int, rows: slice) -> torch.Tensor:
