@@ -51,7 +51,7 @@ def candidates(length: int) -> dict:
         tables = encoding.bias_tables(query, key, state, 0)
         output = QueryBlockedAttention.apply(
             query, key, value, None, lambda tables, rows: encoding.bias_rows(tables, state, rows), encoding.row_tables,
-            HEAD_DIM**-0.5, 0.0, False, max(16, BLOCK_SCORES // (HEADS * length)), None, *tables,
+            HEAD_DIM**-0.5, 0.0, False, max(16, BLOCK_SCORES // (HEADS * length)), *tables,
         )
         output.sum().backward()
 

@@ -24,7 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
 from .encodings import PositionEncoding, PositionState, get_encoding_class
-from .kernels import QueryBlockedAttention, later_keys
+from .kernels import QueryBlockedAttention, later_keys, toeplitz_attention, toeplitz_mask
 
 
 logger = logging.get_logger(__name__)
@@ -170,6 +170,19 @@ def cached_positions(
     return token_positions(
         attention_mask, position_ids, batch_size, length, past_length, key_length, inputs_embeds.device
     )
+
+
+def consecutive_offset(
+    attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, cache: Cache | None
+) -> int | None:
+    """The `uniform_offset` of the positions `cached_positions` builds, when it is known without reading them: no
+    2D mask and no `position_ids` leave them consecutive, the first query `past` tokens after the first key, so
+    `j - i = (key index) - (query index) - past`. `past` is the cache's length when that is a host int (a static
+    cache's is a tensor in a compiled graph). None otherwise."""
+    if position_ids is not None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
+        return None
+    past_length = cache.get_seq_length() if cache is not None else 0
+    return -past_length if type(past_length) is int else None
 
 
 def check_inputs(
@@ -381,14 +394,15 @@ def dense_bias(
 
 
 def toeplitz_kernel(
-    config, encoding: PositionEncoding, attention_mask: torch.Tensor | BlockMask | None, device: torch.device
+    config, encoding: PositionEncoding, attention_mask: torch.Tensor | BlockMask | None, device: torch.device,
+    checkpointing: bool = False,
 ) -> bool:
     """Whether sdpa reads the bias from its diagonals (`toeplitz_attention_forward`): a bias of `j - i` alone
-    (`encoding.toeplitz`) that needs no gradient, on CPU, whose fused kernel reads a strided float mask, and no
-    padding mask to add to it (the layers' `attention_mask` is None; a causal mask goes into the diagonals). Not in a
-    compiled graph, which reads no positions on the host."""
+    (`encoding.toeplitz`) on CPU, whose fused kernel reads a strided float mask, and no padding mask to add to it
+    (the layers' `attention_mask` is None; a causal mask goes into the diagonals). A bias that trains, too, unless
+    the layers are checkpointed: each then builds its own (see `position_state`) and takes the blocked kernel."""
     return (config._attn_implementation == "sdpa" and encoding.toeplitz and device.type == "cpu"
-            and attention_mask is None and not encoding.bias_needs_grad() and not torch.compiler.is_compiling())
+            and attention_mask is None and not (checkpointing and encoding.bias_needs_grad()))
 
 
 def toeplitz_diagonals(encoding: PositionEncoding, state: PositionState) -> torch.Tensor:
@@ -413,16 +427,18 @@ def masked_bias(bias: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 def position_state(
     config, encoding: PositionEncoding, query_positions: torch.Tensor, key_positions: torch.Tensor,
     dtype: torch.dtype, checkpointing: bool = False, attention_mask: torch.Tensor | BlockMask | None = None,
+    known_offset: int | None = None,
 ) -> PositionState:
     """What `encoding` prepares once per forward for every layer (`prepare`, dense or not for the kernel), given the
-    `attention_mask` the layers get (None: no padding mask).
+    `attention_mask` the layers get (None: no padding mask) and the positions' `known_offset` (`consecutive_offset`).
 
     With `checkpointing` (layers under gradient checkpointing), tables that carry autograd history (a learned bias)
     are left for each layer to build inside its checkpointed region: a reentrant replay runs backward through what
     the layer read, and a graph shared by all layers can be run backward only once.
     """
-    if toeplitz_kernel(config, encoding, attention_mask, query_positions.device):
+    if toeplitz_kernel(config, encoding, attention_mask, query_positions.device, checkpointing):
         state = encoding.prepare(query_positions, key_positions, dtype, dense=False)
+        state.known_offset = known_offset
         if state.uniform_offset is not None:
             state.tables["toeplitz"] = toeplitz_diagonals(encoding, state)
             return state
@@ -468,23 +484,16 @@ def query_blocked_attention_forward(
             return encoding.bias_rows(tables, state, rows)
 
     causal = causal_without_mask(module, query.shape[2], attention_mask, is_causal)
-    block_size = max(16, BLOCK_SCORES // (query.shape[0] * query.shape[1] * key.shape[2]))
-    fused_forward = None
-    if (encoding.toeplitz and not state.dense and attention_mask is None and dropout == 0.0
-            and state.uniform_offset is not None):
-        # Several blocks of a bias of `j - i`: forward by torch's kernel over the bias's diagonals (whose backward
-        # gives the bias no gradient), backward by the blocks.
-        with torch.no_grad():
-            diagonals = toeplitz_diagonals(encoding, state)
-
-        def fused_forward(query, key, value):
-            return toeplitz_attention_forward(module, query, key, value, diagonals, scaling)[0].transpose(1, 2)
-
     output = QueryBlockedAttention.apply(
-        query, key, value, attention_mask, bias_rows, row_tables, scaling, dropout, causal, block_size,
-        fused_forward, *tables,
+        query, key, value, attention_mask, bias_rows, row_tables, scaling, dropout, causal,
+        query_block_size(query, key), *tables,
     )
     return output.transpose(1, 2).contiguous(), None
+
+
+def query_block_size(query: torch.Tensor, key: torch.Tensor) -> int:
+    """Queries per block of the blocked kernels: `BLOCK_SCORES` scores, at least 16 queries."""
+    return max(16, BLOCK_SCORES // (query.shape[0] * query.shape[1] * key.shape[2]))
 
 
 def toeplitz_attention_forward(
@@ -502,13 +511,19 @@ def toeplitz_attention_forward(
 
     With the queries in reverse order the bias of (query `i`, key `j`) is entry `(q_len - 1 - i) + j`: constant
     along anti-diagonals, a view of the diagonals with strides (1, 1). No `[q_len, k_len]` mask is built or read
-    from memory; reversing the queries and the output costs two copies of `[batch, heads, q_len, d]`.
+    from memory; reversing the queries and the output costs two copies of `[batch, heads, q_len, d]`. Diagonals
+    that need a gradient (a learned bias) go through `kernels.toeplitz_attention`, whose backward gives them one.
     """
     if kwargs.get("output_attentions", False):
         logger.warning_once("attn_implementation='sdpa' returns no attention weights: set it to 'eager' for "
                             "output_attentions=True.")
-    query_length, key_length = query.shape[2], key.shape[2]
-    mask = diagonals.as_strided((1, diagonals.shape[0], query_length, key_length), (0, diagonals.stride(0), 1, 1))
+    if diagonals.requires_grad and torch.is_grad_enabled():
+        groups = query.shape[1] // key.shape[1]
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+        seed = torch.randint(2**62, (), device=query.device) if dropout > 0.0 else None
+        output = toeplitz_attention(query, key, value, diagonals, scaling, query_block_size(query, key), dropout, seed)
+        return output.transpose(1, 2).contiguous(), None
+    mask = toeplitz_mask(diagonals, query.shape[2], key.shape[2])
     output = nn.functional.scaled_dot_product_attention(
         query.flip(2), key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
         enable_gqa=key.shape[1] != query.shape[1],

@@ -55,11 +55,18 @@ class PositionState:
     dense: bool = True
     # `DistanceRows`' columns and end runs per table, built by `diagonal_columns` once per forward.
     diagonals: dict[tuple, tuple[torch.Tensor, tuple[int, int]]] = field(default_factory=dict)
+    # `uniform_offset` when the model built the positions consecutive (`attention.consecutive_offset`).
+    known_offset: int | None = None
 
     @functools.cached_property
     def uniform_offset(self) -> int | None:
         """`c` such that `j - i = (key index) - (query index) + c` for every pair in the batch (consecutive
-        positions, the same start in every row), or None. Read on the host once per forward."""
+        positions, the same start in every row), or None: `known_offset` when given, else read on the host once per
+        forward (None in a compiled graph, which reads no positions on the host)."""
+        if self.known_offset is not None:
+            return self.known_offset
+        if torch.compiler.is_compiling():
+            return None
         query_positions, key_positions = self.query_positions, self.key_positions
         offset = key_positions[:, :1] - query_positions[:, :1]
         arange = functools.partial(torch.arange, device=offset.device)

@@ -6,9 +6,17 @@ Custom `torch.autograd.Function`s that save memory and time over autograd's own 
 `encodings.py` stays the catalog of schemes and `attention.py` the dispatch.
 """
 
+import hashlib
+from pathlib import Path
+
 import torch
 from torch import nn
 
+
+# The namespace of this file's operators, one per version of it: the installed package and a checkpoint's remote
+# code (another copy, maybe of another release) can share a process, and torch lets the last definition of an
+# operator name replace the others.
+OPERATORS = f"hf_relpos_{hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]}"
 
 # Probabilities below this (~1e-19) are zeroed by the blocked kernel (see `block_probabilities`).
 DENORMAL_GUARD = torch.finfo(torch.float32).tiny ** 0.5
@@ -24,25 +32,18 @@ class QueryBlockedAttention(torch.autograd.Function):
     The first `row_tables` tables are indexed by query on dim -2: `bias_rows` gets the block's slice of them, and
     their gradient is written into that slice. When all queries fit in one block the probabilities are kept for
     backward instead (no larger than a block). Dropout masks are regenerated in backward from one seed per call.
-    `fused_forward(query, key, value)`, when given (no dropout), computes the output instead of the blocks: a fused
-    kernel reading the same bias without its gradient; backward recomputes each block's probabilities either way.
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, mask, bias_rows, row_tables, scaling, dropout, causal, block_size,
-                fused_forward, *tables):
+    def forward(ctx, query, key, value, mask, bias_rows, row_tables, scaling, dropout, causal, block_size, *tables):
         seed = int(torch.randint(2**62, ())) if dropout > 0.0 else 0
-        kept = None
-        if fused_forward is not None:
-            output = fused_forward(query, key, value)
-        else:
-            scaled_query, output = query * scaling, torch.empty_like(query)
-            blocks = query_blocks(query.shape[2], block_size)
-            for rows in blocks:
-                bias = bias_rows(block_tables(tables, row_tables, rows), rows)
-                probabilities = block_probabilities(scaled_query, key, mask, bias, causal, rows)
-                output[:, :, rows] = torch.matmul(block_dropout(probabilities, dropout, seed, rows), value)
-            kept = probabilities if len(blocks) == 1 else None
+        scaled_query, output = query * scaling, torch.empty_like(query)
+        blocks = query_blocks(query.shape[2], block_size)
+        for rows in blocks:
+            bias = bias_rows(block_tables(tables, row_tables, rows), rows)
+            probabilities = block_probabilities(scaled_query, key, mask, bias, causal, rows)
+            output[:, :, rows] = torch.matmul(block_dropout(probabilities, dropout, seed, rows), value)
+        kept = probabilities if len(blocks) == 1 else None
         ctx.save_for_backward(query, key, value, mask, output, kept, *tables)
         ctx.options = bias_rows, row_tables, scaling, dropout, causal, block_size, seed
         return output
@@ -52,12 +53,11 @@ class QueryBlockedAttention(torch.autograd.Function):
         query, key, value, mask, output, kept, *tables = ctx.saved_tensors
         bias_rows, row_tables, scaling, dropout, causal, block_size, seed = ctx.options
         scaled_query = query * scaling
-        grad_query, grad_key, grad_value = torch.empty_like(query), torch.zeros_like(key), torch.zeros_like(value)
-        needs_grad = ctx.needs_input_grad[11:]
+        grads = torch.empty_like(query), torch.zeros_like(key), torch.zeros_like(value)
+        needs_grad = ctx.needs_input_grad[10:]
         grad_tables = [torch.zeros_like(table) if needs else None
                        for table, needs in zip(tables, needs_grad, strict=True)]
-        # rowsum(dO * O) = rowsum(dP * P): the softmax backward's correction term, one value per query.
-        correction = (grad_output * output).sum(-1, keepdim=True)
+        correction = softmax_correction(grad_output, output)
         for rows in query_blocks(query.shape[2], block_size):
             leaves = [table.detach().requires_grad_(needs)
                       for table, needs in zip(block_tables(tables, row_tables, rows), needs_grad, strict=True)]
@@ -67,22 +67,17 @@ class QueryBlockedAttention(torch.autograd.Function):
                 probabilities = block_probabilities(scaled_query, key, mask, bias.detach(), causal, rows)
             else:
                 probabilities = kept
-            block_grad_output = grad_output[:, :, rows]
-            grad_value += torch.matmul(block_dropout(probabilities, dropout, seed, rows).transpose(-1, -2),
-                                       block_grad_output)
-            grad_scores = block_dropout(torch.matmul(block_grad_output, value.transpose(-1, -2)), dropout, seed, rows)
-            grad_scores.sub_(correction[:, :, rows]).mul_(probabilities)
-            grad_query[:, :, rows] = torch.matmul(grad_scores, key).mul_(scaling)
-            grad_key += torch.matmul(grad_scores.transpose(-1, -2), scaled_query[:, :, rows])
+            grad_scores = block_backward(grad_output, scaled_query, key, value, probabilities, correction, rows,
+                                         scaling, grads, dropout, seed)
             if any(needs_grad):
                 wanted = [index for index, leaf in enumerate(leaves) if leaf.requires_grad]
-                grads = torch.autograd.grad(bias, [leaves[index] for index in wanted],
-                                            grad_scores.sum_to_size(bias.shape), allow_unused=True)
-                for index, grad in zip(wanted, grads, strict=True):
+                table_grads = torch.autograd.grad(bias, [leaves[index] for index in wanted],
+                                                  grad_scores.sum_to_size(bias.shape), allow_unused=True)
+                for index, grad in zip(wanted, table_grads, strict=True):
                     if grad is not None:
                         total = grad_tables[index][..., rows, :] if index < row_tables else grad_tables[index]
                         total += grad
-        return grad_query, grad_key, grad_value, None, None, None, None, None, None, None, None, *grad_tables
+        return *grads, None, None, None, None, None, None, None, *grad_tables
 
 
 def block_tables(tables, row_tables: int, rows: slice) -> list[torch.Tensor]:
@@ -93,6 +88,29 @@ def block_tables(tables, row_tables: int, rows: slice) -> list[torch.Tensor]:
 def query_blocks(length: int, block_size: int) -> list[slice]:
     """Slices of `block_size` consecutive queries covering `length`."""
     return [slice(start, min(start + block_size, length)) for start in range(0, length, block_size)]
+
+
+def softmax_correction(grad_output: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """`rowsum(dO * O) = rowsum(dP * P)` `[batch, heads, q_len, 1]`: the softmax backward's term, one per query."""
+    return (grad_output * output).sum(-1, keepdim=True)
+
+
+def block_backward(
+    grad_output: torch.Tensor, scaled_query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    probabilities: torch.Tensor, correction: torch.Tensor, rows: slice, scaling: float,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor], dropout: float = 0.0, seed: int = 0,
+) -> torch.Tensor:
+    """One block of queries' share of attention's backward: writes `dQ[rows]` and adds into `dK`, `dV` (`grads`,
+    in that order) and returns the block's score gradient `dS = P * (dP - correction)` `[batch, heads, len(rows),
+    k_len]`, which is also the gradient of its bias."""
+    grad_query, grad_key, grad_value = grads
+    block_grad_output = grad_output[:, :, rows]
+    grad_value += torch.matmul(block_dropout(probabilities, dropout, seed, rows).transpose(-1, -2), block_grad_output)
+    grad_scores = block_dropout(torch.matmul(block_grad_output, value.transpose(-1, -2)), dropout, seed, rows)
+    grad_scores.sub_(correction[:, :, rows]).mul_(probabilities)
+    grad_query[:, :, rows] = torch.matmul(grad_scores, key).mul_(scaling)
+    grad_key += torch.matmul(grad_scores.transpose(-1, -2), scaled_query[:, :, rows])
+    return grad_scores
 
 
 def block_probabilities(
@@ -135,39 +153,143 @@ def block_dropout(probabilities: torch.Tensor, dropout: float, seed: int, rows: 
     return probabilities * keep / (1.0 - dropout)
 
 
+def diagonal_rows(table: torch.Tensor, start: int, rows: int, cols: int) -> torch.Tensor:
+    """`out[h, r, j] = table[h, start - r + j]` `[heads, rows, cols]`: rows of the Toeplitz matrix whose diagonals
+    are `table` `[heads, n]`, copied without an index tensor."""
+    windows = table.unfold(-1, cols, 1)
+    first = start - rows + 1
+    # Row r is window start - r. Reversing a contiguous copy is fast; by chunks, that copy stays small. (Flipping the
+    # strided view itself is faster alone, but leaves a column-major result that slows every later op.)
+    if rows <= 256:
+        return windows[:, first : start + 1].contiguous().flip(1)
+    out = table.new_empty(table.shape[0], rows, cols)
+    for chunk in range(0, rows, 256):
+        stop = min(rows, chunk + 256)
+        out[:, chunk:stop] = windows[:, start - stop + 1 : start - chunk + 1].contiguous().flip(1)
+    return out
+
+
+def diagonal_sums(grad: torch.Tensor, start: int, entries: int) -> torch.Tensor:
+    """The gradient `[heads, entries]` of `diagonal_rows(table, start, rows, cols)` for its gradient `grad`
+    `[heads, rows, cols]`: each diagonal of `grad` summed into its entry, through a strided view."""
+    heads, rows, cols = grad.shape
+    width, first = rows + cols - 1, start - rows + 1
+    # Row r of the gradient lands at columns (rows - 1 - r) .. of its own row of `shifted`: columns are then the
+    # table index minus `first`, and a sum over rows adds each diagonal.
+    shifted = grad.new_empty(heads, rows, width)
+    # Row r's data covers columns rows-1-r .. rows-2-r+cols: zero only the two bands it may leave uncovered.
+    shifted[..., : rows - 1].zero_()
+    shifted[..., cols:].zero_()
+    shifted.as_strided((heads, rows, cols), (rows * width, width - 1, 1), rows - 1).copy_(grad)
+    grad_table = grad.new_zeros(heads, entries)
+    grad_table[:, first : first + width] = shifted.sum(1)
+    return grad_table
+
+
 class DiagonalRows(torch.autograd.Function):
-    """`out[h, r, j] = table[h, start - r + j]`: `rows` rows and `cols` columns of the Toeplitz matrix whose
-    diagonals are `table` `[heads, n]`. Both directions are copies and a sum: backward adds the gradient along
-    diagonals through a strided view, without an index tensor."""
+    """`diagonal_rows` with its gradient `diagonal_sums`: both directions are copies and a sum."""
 
     @staticmethod
     def forward(ctx, table: torch.Tensor, start: int, rows: int, cols: int) -> torch.Tensor:
-        ctx.shape, ctx.first = table.shape, start - rows + 1
-        windows = table.unfold(-1, cols, 1)
-        # Row r is window start - r. Reversing a contiguous copy is fast; by chunks, that copy stays small. (Flipping
-        # the strided view itself is faster alone, but leaves a column-major result that slows every later op.)
-        if rows <= 256:
-            return windows[:, ctx.first : start + 1].contiguous().flip(1)
-        out = table.new_empty(table.shape[0], rows, cols)
-        for chunk in range(0, rows, 256):
-            stop = min(rows, chunk + 256)
-            out[:, chunk:stop] = windows[:, start - stop + 1 : start - chunk + 1].contiguous().flip(1)
-        return out
+        ctx.start, ctx.entries = start, table.shape[-1]
+        return diagonal_rows(table, start, rows, cols)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        heads, rows, cols = grad.shape
-        width = rows + cols - 1
-        # Row r of the gradient lands at columns (rows - 1 - r) .. of its own row of `shifted`: columns are then
-        # the table index minus `first`, and a sum over rows adds each diagonal.
-        shifted = grad.new_empty(heads, rows, width)
-        # Row r's data covers columns rows-1-r .. rows-2-r+cols: zero only the two bands it may leave uncovered.
-        shifted[..., : rows - 1].zero_()
-        shifted[..., cols:].zero_()
-        shifted.as_strided((heads, rows, cols), (rows * width, width - 1, 1), rows - 1).copy_(grad)
-        grad_table = grad.new_zeros(ctx.shape)
-        grad_table[:, ctx.first : ctx.first + width] = shifted.sum(1)
-        return grad_table, None, None, None
+        return diagonal_sums(grad, ctx.start, ctx.entries), None, None, None
+
+
+def toeplitz_mask(diagonals: torch.Tensor, query_length: int, key_length: int) -> torch.Tensor:
+    """The view `mask[0, h, i, j] = diagonals[h, i + j]` `[1, heads, q_len, k_len]` of `diagonals` `[heads, q_len +
+    k_len - 1]` (strides (1, 1)): the Toeplitz bias of the queries in reverse order, never materialised."""
+    diagonals = diagonals.contiguous()
+    return diagonals.as_strided((1, diagonals.shape[0], query_length, key_length), (0, diagonals.stride(0), 1, 1))
+
+
+@torch.library.custom_op(f"{OPERATORS}::toeplitz_attention", mutates_args=())
+def toeplitz_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, diagonals: torch.Tensor, scaling: float,
+    block_size: int, dropout: float = 0.0, seed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`softmax(q k^T * scaling + B) v` `[batch, heads, q_len, d]` for the Toeplitz bias `B[h, i, j] = diagonals[h,
+    (q_len - 1 - i) + j]` (`diagonals` `[heads, q_len + k_len - 1]`, a causal mask folded in), differentiable in
+    all four inputs.
+
+    Forward is torch's fused kernel over the reversed queries, reading the bias as a strided view of the diagonals
+    (with `dropout`: `block_size` queries at a time, the dropout masks drawn from `seed`, a scalar tensor).
+    Backward (`toeplitz_attention_backward`) recomputes blocks of queries and sums each block's score gradient along
+    its diagonals into the diagonals' gradient. An opaque operator: a compiled graph calls both kernels as they are,
+    where inductor would otherwise decompose a differentiable bias into `[q_len, k_len]` math.
+    """
+    query_length, key_length = query.shape[2], key.shape[2]
+    if dropout == 0.0:
+        # Detached: torch's fused kernel declines a mask that asks for a gradient (this operator gives it one).
+        mask = toeplitz_mask(diagonals.detach(), query_length, key_length)
+        output = nn.functional.scaled_dot_product_attention(query.flip(2), key, value, attn_mask=mask, scale=scaling)
+        return output.transpose(1, 2).flip(1).contiguous().transpose(1, 2)
+    scaled_query, output = query * scaling, toeplitz_attention_shape(query, key, value)
+    for rows in query_blocks(query_length, block_size):
+        bias = diagonal_rows(diagonals, query_length - 1 - rows.start, rows.stop - rows.start, key_length)
+        probabilities = block_probabilities(scaled_query, key, None, bias, False, rows)
+        output[:, :, rows] = torch.matmul(block_dropout(probabilities, dropout, int(seed), rows), value)
+    return output
+
+
+@toeplitz_attention.register_fake
+def toeplitz_attention_shape(query, key, value, *args) -> torch.Tensor:
+    """The output `[batch, heads, q_len, d]`, laid out as `[batch, q_len, heads, d]` (what the models read)."""
+    batch, heads, length, _ = query.shape
+    return query.new_empty(batch, length, heads, value.shape[-1]).transpose(1, 2)
+
+
+@torch.library.custom_op(f"{OPERATORS}::toeplitz_attention_backward", mutates_args=())
+def toeplitz_attention_backward(
+    grad_output: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, diagonals: torch.Tensor,
+    output: torch.Tensor, scaling: float, block_size: int, dropout: float, seed: torch.Tensor | None,
+    diagonals_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of `toeplitz_attention` in its query, key, value and diagonals (zeros unless
+    `diagonals_grad`), by blocks of queries (`QueryBlockedAttention`'s backward with the bias rows of the
+    diagonals). The diagonals' gradient is summed in fp32."""
+    query_length, key_length = query.shape[2], key.shape[2]
+    scaled_query, correction = query * scaling, softmax_correction(grad_output, output)
+    seed = int(seed) if dropout > 0.0 else 0
+    grads = torch.empty_like(query), torch.zeros_like(key), torch.zeros_like(value)
+    grad_diagonals = torch.zeros(diagonals.shape, dtype=torch.promote_types(diagonals.dtype, torch.float32),
+                                 device=diagonals.device)
+    for rows in query_blocks(query_length, block_size):
+        start = query_length - 1 - rows.start
+        bias = diagonal_rows(diagonals, start, rows.stop - rows.start, key_length)
+        probabilities = block_probabilities(scaled_query, key, None, bias, False, rows)
+        grad_scores = block_backward(grad_output, scaled_query, key, value, probabilities, correction, rows, scaling,
+                                     grads, dropout, seed)
+        if diagonals_grad:
+            grad_diagonals += diagonal_sums(grad_scores.sum(0, dtype=grad_diagonals.dtype), start,
+                                            diagonals.shape[-1])
+    return *grads, grad_diagonals.to(diagonals.dtype)
+
+
+@toeplitz_attention_backward.register_fake
+def toeplitz_attention_backward_shapes(grad_output, query, key, value, diagonals, *args):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), torch.empty_like(diagonals)
+
+
+def toeplitz_attention_context(ctx, inputs, output) -> None:
+    query, key, value, diagonals, scaling, block_size, dropout, seed = inputs
+    ctx.save_for_backward(query, key, value, diagonals, output, seed)
+    ctx.scaling, ctx.block_size, ctx.dropout = scaling, block_size, dropout
+
+
+def toeplitz_attention_gradients(ctx, grad_output):
+    query, key, value, diagonals, output, seed = ctx.saved_tensors
+    grads = toeplitz_attention_backward(
+        grad_output.contiguous(), query, key, value, diagonals, output, ctx.scaling, ctx.block_size, ctx.dropout,
+        seed, ctx.needs_input_grad[3],
+    )
+    return *grads, None, None, None, None
+
+
+toeplitz_attention.register_autograd(toeplitz_attention_gradients, setup_context=toeplitz_attention_context)
 
 
 class SkewedRows(torch.autograd.Function):

@@ -45,6 +45,7 @@ from .attention import (
     cache_argument,
     cached_positions,
     check_inputs,
+    consecutive_offset,
     cross_attention_keys_values,
     position_state,
     self_attention_cache,
@@ -287,7 +288,7 @@ class RelPosBertModel(RelPosBertPreTrainedModel):
             )
         state = position_state(
             self.config, self.position_encoding, query_positions, key_positions, hidden_states.dtype,
-            self.checkpointing_layers(), mask,
+            self.checkpointing_layers(), mask, consecutive_offset(attention_mask, position_ids, cache),
         )
         hidden_states = self.encoder(
             hidden_states, mask, self.position_encoding, state, cache=cache,

@@ -11,7 +11,7 @@ import torch
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 
-from .attention import cached_positions, position_state
+from .attention import cached_positions, consecutive_offset, position_state
 from .encodings import PositionEncoding, PositionState
 
 
@@ -43,5 +43,5 @@ def decoder_inputs(
     # The cache is passed by position: its keyword is `past_key_values` before 5.24 and `cache` from it on.
     mask = create_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids=query_positions)
     state = position_state(config, encoding, query_positions, key_positions, inputs_embeds.dtype, checkpointing,
-                           mask)
+                           mask, consecutive_offset(attention_mask, position_ids, cache))
     return DecoderInputs(query_positions, mask, state)

@@ -1,6 +1,7 @@
 """Compiled training, `torch.compile(model)` over the sdpa kernel: the bias of every encoding is computed in the
-compiled graph and, when it needs a gradient, added by eager's GEMM (inductor fuses its passes), and the step equals
-the eager kernel's in loss and gradients. Compilation takes tens of seconds per encoding on CPU, hence `slow`."""
+compiled graph and, when it needs a gradient, added by eager's GEMM (inductor fuses its passes); a bias of `j - i`
+without padding runs the Toeplitz operator instead. The step equals the eager kernel's in loss and gradients.
+Compilation takes tens of seconds per encoding on CPU, hence `slow`."""
 
 import copy
 
@@ -10,25 +11,28 @@ from conftest import BIAS_ENCODINGS, ENCODER_ENCODINGS, tiny_bert_config, tiny_g
 
 from hf_relpos import RelPosBertModel, RelPosGPTModel
 from hf_relpos.attention import causal_bias
+from hf_relpos.kernels import OPERATORS
 
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
-def assert_compiled_step_equals_eager(model_class, config, loss_of) -> None:
+def assert_compiled_step_equals_eager(model_class, config, loss_of) -> set[str]:
     """One step of `loss_of(model)` on the eager kernel and on `torch.compile` over sdpa with the same weights: the
-    compiled step must give eager's loss and every gradient."""
+    compiled step must give eager's loss and every gradient. Returns the names of the ops the compiled step ran."""
     eager = model_class._from_config(copy.deepcopy(config), attn_implementation="eager").train()
     sdpa = model_class._from_config(config, attn_implementation="sdpa").train()
     sdpa.load_state_dict(eager.state_dict())
     losses = []
     for model in (eager, torch.compile(sdpa, dynamic=False)):
-        loss = loss_of(model)
-        loss.backward()
+        with torch.profiler.profile() as profile:
+            loss = loss_of(model)
+            loss.backward()
         losses.append(loss)
     torch.testing.assert_close(losses[1], losses[0])
     for (parameter_name, want), got in zip(eager.named_parameters(), sdpa.parameters(), strict=True):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=parameter_name)
+    return {event.name for event in profile.events()}
 
 
 @pytest.mark.parametrize("name", [name for name in BIAS_ENCODINGS if name in ENCODER_ENCODINGS])
@@ -56,6 +60,28 @@ def test_compiled_sdpa_decoder_training_step_equals_eager_without_a_padding_mask
     assert_compiled_step_equals_eager(
         RelPosGPTModel, config, lambda model: (model(input_ids=input_ids).last_hidden_state * weights).mean()
     )
+
+
+@pytest.mark.parametrize("name", ["t5", "kerple"])
+def test_compiled_training_of_a_bias_of_the_distance_without_padding_runs_the_toeplitz_operator(seed, name):
+    # No padding and no position_ids: the positions are consecutive by construction, known without reading them.
+    config = tiny_bert_config(position_embedding_type=name, num_hidden_layers=1)
+    input_ids, weights = torch.randint(1, 99, (2, 12)), torch.randn(2, 12, config.hidden_size)
+
+    ops = assert_compiled_step_equals_eager(
+        RelPosBertModel, config, lambda model: (model(input_ids=input_ids).last_hidden_state * weights).mean()
+    )
+    assert {f"{OPERATORS}::toeplitz_attention", f"{OPERATORS}::toeplitz_attention_backward"} <= ops
+
+
+def test_compiled_alibi_training_without_padding_reads_its_diagonals_on_torchs_fused_kernel(seed):
+    config = tiny_gpt_config("alibi", n_layer=1)
+    input_ids, weights = torch.randint(1, 99, (2, 12)), torch.randn(2, 12, config.n_embd)
+
+    ops = assert_compiled_step_equals_eager(
+        RelPosGPTModel, config, lambda model: (model(input_ids=input_ids).last_hidden_state * weights).mean()
+    )
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
 
 
 def test_compiled_sdpa_encoder_training_step_stays_bidirectional_without_a_padding_mask(seed):

@@ -1,21 +1,27 @@
-"""sdpa on CPU with a bias of `j - i` alone that needs no gradient (ALiBi, frozen or inference T5 and KERPLE): the
-fused kernel reads the bias from its `[heads, q_len + k_len - 1]` diagonals, through a strided view over reversed
-queries, and gives eager's outputs and gradients without a `[q_len, k_len]` mask. With a padding mask, the mask is
-folded into such a bias once per forward for every layer."""
+"""sdpa on CPU with a bias of `j - i` alone (ALiBi, T5, KERPLE): the fused kernel reads the bias from its
+`[heads, q_len + k_len - 1]` diagonals, through a strided view over reversed queries, and gives eager's outputs and
+gradients without a `[q_len, k_len]` mask. A bias that trains goes through the Toeplitz operator
+(`kernels.toeplitz_attention`), whose backward gives the diagonals their gradient. With a padding mask, the mask is
+folded into a bias without a gradient once per forward for every layer."""
 
 import copy
+import importlib.util
+import shutil
 
 import pytest
 import torch
 from conftest import tiny_bert_config, tiny_gpt_config, tiny_llama_config
 from torch.autograd.graph import saved_tensors_hooks
+from transformers import DynamicCache
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 
 import hf_relpos.attention
+import hf_relpos.kernels
 from hf_relpos import RelPosBertModel, RelPosGPTForCausalLM, RelPosLlamaForCausalLM
-from hf_relpos.attention import position_state, toeplitz_attention_forward
+from hf_relpos.attention import consecutive_offset, position_state, toeplitz_attention_forward
 from hf_relpos.encodings import PositionState, alibi_slopes, build_position_encoding
+from hf_relpos.kernels import OPERATORS, toeplitz_attention, toeplitz_mask
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -58,18 +64,22 @@ def test_alibi_toeplitz_bias_is_minus_slope_times_distance():
 def test_sdpa_reads_the_diagonals_only_for_a_constant_bias_without_padding_on_cpu():
     positions = torch.arange(LENGTH).expand(2, -1)
 
-    def state(name="alibi", mask=None, positions=positions, frozen=False, implementation="sdpa", grad=True):
+    def state(name="alibi", mask=None, positions=positions, frozen=False, implementation="sdpa", grad=True,
+              checkpointing=False):
         config = sdpa_config(name)
         config._attn_implementation = implementation
         encoding = build_position_encoding(config, causal=False).requires_grad_(not frozen)
         with torch.set_grad_enabled(grad):
-            return position_state(config, encoding, positions, positions, torch.float32, attention_mask=mask)
+            return position_state(config, encoding, positions, positions, torch.float32, checkpointing,
+                                  attention_mask=mask)
 
     assert state().tables["toeplitz"].shape == (4, 2 * LENGTH - 1)
     assert not state().dense
     assert "toeplitz" in state("t5", frozen=True).tables
     assert "toeplitz" in state("kerple", grad=False).tables
-    assert "toeplitz" not in state("t5").tables  # its table trains: the query-blocked kernel
+    assert state("t5").tables["toeplitz"].requires_grad  # its table trains: the diagonals carry its gradient
+    assert "toeplitz" not in state("t5", checkpointing=True).tables  # each checkpointed layer builds its own
+    assert "toeplitz" in state(checkpointing=True).tables  # ALiBi has nothing to rebuild
     assert "toeplitz" not in state("fire", grad=False).tables  # past the threshold FIRE depends on the query
     assert "toeplitz" not in state(mask=torch.zeros(2, 1, LENGTH, LENGTH)).tables  # padding: a dense mask
     assert "toeplitz" not in state(implementation="eager").tables
@@ -102,6 +112,66 @@ def test_toeplitz_attention_equals_softmax_with_the_dense_bias_in_value_and_grad
     for got_grad, want_grad in zip(torch.autograd.grad(got, (query, key, value), grad),
                                    torch.autograd.grad(want, (query, key, value), grad), strict=True):
         torch.testing.assert_close(got_grad, want_grad)
+
+
+def toeplitz_inputs(length: int = 10):
+    query, key, value = (torch.randn(2, 3, length, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    return query, key, value, torch.randn(3, 2 * length - 1, dtype=torch.float64, requires_grad=True)
+
+
+def test_the_toeplitz_operator_equals_softmax_with_the_dense_bias_in_value_and_every_gradient(seed):
+    query, key, value, diagonals = toeplitz_inputs(LENGTH)
+    i, j = torch.meshgrid(torch.arange(LENGTH), torch.arange(LENGTH), indexing="ij")
+    dense = diagonals[:, LENGTH - 1 - i + j]
+    want = (query @ key.transpose(-1, -2) * 0.3 + dense).softmax(-1) @ value
+    got = toeplitz_attention(query, key, value, diagonals, 0.3, 16)  # 16 queries per block: three blocks
+    torch.testing.assert_close(got, want)
+    grad = torch.randn_like(want)
+    inputs = (query, key, value, diagonals)
+    for got_grad, want_grad in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(want, inputs, grad),
+                                   strict=True):
+        torch.testing.assert_close(got_grad, want_grad)
+
+
+def test_the_toeplitz_operator_passes_torchs_custom_operator_checks(seed):
+    # Schema, fake (meta) kernel with the real strides, autograd registration: what torch.compile relies on.
+    torch.library.opcheck(toeplitz_attention, (*toeplitz_inputs(), 0.3, 4))
+    torch.library.opcheck(toeplitz_attention, (*toeplitz_inputs(), 0.3, 4, 0.25, torch.tensor(7)))
+
+
+def test_the_toeplitz_operators_dropout_backward_replays_the_forward_mask(seed):
+    # One seed per call makes the dropped function deterministic, so finite differences check its backward.
+    def dropped(query, key, value, diagonals):
+        return toeplitz_attention(query, key, value, diagonals, 0.3, 4, 0.25, torch.tensor(11))
+
+    assert torch.autograd.gradcheck(dropped, toeplitz_inputs())
+
+
+def test_a_second_copy_of_the_kernels_file_registers_operators_of_its_own(tmp_path):
+    # A checkpoint's remote code is another copy of kernels.py, maybe of another release, in the same process.
+    copied = tmp_path / "kernels.py"
+    shutil.copy(hf_relpos.kernels.__file__, copied)
+    copied.write_text(copied.read_text() + "\n# another release\n")
+    spec = importlib.util.spec_from_file_location("another_release_kernels", copied)
+    other = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)
+    assert other.OPERATORS != OPERATORS
+    query, key, value, diagonals = toeplitz_inputs()
+    want = (query @ key.transpose(-1, -2) * 0.3 + toeplitz_mask(diagonals, 10, 10).flip(2)).softmax(-1) @ value
+    torch.testing.assert_close(getattr(torch.ops, OPERATORS).toeplitz_attention(query, key, value, diagonals, 0.3, 4),
+                               want)
+    torch.testing.assert_close(other.toeplitz_attention(query, key, value, diagonals, 0.3, 4), want)
+
+
+def test_positions_the_model_builds_itself_have_a_known_offset():
+    cache = DynamicCache()
+    cache.update(torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4), 0)
+    assert consecutive_offset(None, None, None) == 0
+    # The new tokens follow the cached ones: key slot j and query i are j - (i + 5) apart.
+    assert consecutive_offset(None, None, cache) == -5
+    assert PositionState(torch.arange(5, 8)[None], torch.arange(8)[None]).uniform_offset == -5
+    assert consecutive_offset(torch.ones(1, 6), None, None) is None  # padding decides them: read on the host
+    assert consecutive_offset(None, torch.arange(6)[None], None) is None  # the caller's, whatever they are
 
 
 def eager_and_sdpa(model_class, config):
