@@ -444,6 +444,7 @@ def position_state(
             return state
     state = encoding.prepare(query_positions, key_positions, dtype,
                              dense=dense_bias(config, encoding, query_positions, key_positions))
+    state.known_offset = known_offset
     bias = state.tables.get("bias")
     if (bias is not None and not bias.requires_grad and isinstance(attention_mask, torch.Tensor)
             and config._attn_implementation in ("eager", "sdpa")):

@@ -30,7 +30,7 @@ from transformers import initialization as init
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils import logging
 
-from .kernels import DiagonalRows, DistanceRows, RunGather, SkewedRows
+from .kernels import ClippedRows, DiagonalRows, DistanceRows, RunGather, SkewedRows
 
 
 logger = logging.get_logger(__name__)
@@ -55,18 +55,21 @@ class PositionState:
     dense: bool = True
     # `DistanceRows`' columns and end runs per table, built by `diagonal_columns` once per forward.
     diagonals: dict[tuple, tuple[torch.Tensor, tuple[int, int]]] = field(default_factory=dict)
-    # `uniform_offset` when the model built the positions consecutive (`attention.consecutive_offset`).
+    # `uniform_offset` when the model built the positions consecutive (`attention.consecutive_offset`), or once read.
     known_offset: int | None = None
+    offset_read: bool = False
 
-    @functools.cached_property
+    @property
     def uniform_offset(self) -> int | None:
         """`c` such that `j - i = (key index) - (query index) + c` for every pair in the batch (consecutive
         positions, the same start in every row), or None: `known_offset` when given, else read on the host once per
-        forward (None in a compiled graph, which reads no positions on the host)."""
-        if self.known_offset is not None:
-            return self.known_offset
-        if torch.compiler.is_compiling():
-            return None
+        forward (None in a compiled graph, which reads no positions on the host). Not a `functools.cached_property`,
+        whose lock (Python 3.11) breaks a compiled graph wherever a layer asks."""
+        if self.known_offset is None and not self.offset_read and not torch.compiler.is_compiling():
+            self.known_offset, self.offset_read = self.read_uniform_offset(), True
+        return self.known_offset
+
+    def read_uniform_offset(self) -> int | None:
         query_positions, key_positions = self.query_positions, self.key_positions
         offset = key_positions[:, :1] - query_positions[:, :1]
         arange = functools.partial(torch.arange, device=offset.device)
@@ -941,10 +944,20 @@ class RelativeKeyEncoding(PositionEncoding):
 
     def bias_rows(self, tables, state, rows=slice(None)):
         reader = dense_reader(state, tables)
+        k = self.max_distance
         if reader == "diagonals":
-            k = self.max_distance
             return diagonal_bias(state, self.name, lambda distance: distance.clamp(-k, k) + k, tables[0],
                                  tables[1] if self.uses_keys else None)
+        if torch.compiler.is_compiling() and state.uniform_offset is not None:
+            # Consecutive positions in a compiled graph (`known_offset`: no host read): both terms read along clipped
+            # diagonals, keys as rows for `k . r`, and their backward sums without a scatter-add.
+            first, stop, _ = rows.indices(state.query_positions.shape[1])
+            bias = ClippedRows.apply(tables[0], state.uniform_offset + k - first, state.key_positions.shape[1])
+            if self.uses_keys:
+                # `clip(j - i) + k` is the flipped table's entry `k - (j - i)`, which rises along a key's row.
+                keys = ClippedRows.apply(tables[1].flip(-1), k - state.uniform_offset + first, stop - first)
+                bias = bias + keys.transpose(-1, -2)
+            return bias
         # A dense bias gathers by the index `prepare` built once; a block of consecutive positions reads its
         # `q . r` rows along clipped diagonals (no index tensor; its padded copy is only a block's worth).
         offset = None if state.dense else state.uniform_offset
@@ -955,7 +968,7 @@ class RelativeKeyEncoding(PositionEncoding):
             bias = gather_relative(tables[0], index, False if runs else None)
         else:
             first, _, _ = rows.indices(state.query_positions.shape[1])
-            bias = SkewedRows.apply(tables[0], offset + self.max_distance - first, state.key_positions.shape[1])
+            bias = SkewedRows.apply(tables[0], offset + k - first, state.key_positions.shape[1])
         if self.uses_keys:
             bias = bias + gather_relative_keys(tables[1], index, True if runs else None)
         return bias

@@ -327,6 +327,37 @@ class SkewedRows(torch.autograd.Function):
         return grad_table, None, None
 
 
+class ClippedRows(torch.autograd.Function):
+    """`SkewedRows`' map, `out[..., r, c] = table[..., r, clamp(start + c - r, 0, n - 1)]`, for a compiled graph:
+    forward gathers by an index computed from iotas, which inductor fuses into the reader. Backward reads too: entry
+    `e` strictly inside the clip gets the gradient at column `c = e - start + r`, each end the sum of its row's
+    clipped run (`n >= 2`). A gather's own backward scatter-adds every pair into its entry (inductor's atomic adds,
+    twice as slow at 2048 tokens); `SkewedRows`' padded copies are slower still once compiled."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, start: int, cols: int) -> torch.Tensor:
+        ctx.start, ctx.entries = start, table.shape[-1]
+        offsets = clipped_offsets(table.shape[-2], cols, start, table.device)
+        return table.gather(-1, offsets.clamp(0, ctx.entries - 1).expand(*table.shape[:-1], cols))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        *lead, rows, cols = grad.shape
+        offsets = clipped_offsets(rows, cols, ctx.start, grad.device)
+        n = ctx.entries
+        columns = torch.arange(n, device=grad.device) - ctx.start + torch.arange(rows, device=grad.device)[:, None]
+        inside = (columns >= 0) & (columns < cols)
+        grad_table = grad.gather(-1, columns.clamp(0, cols - 1).expand(*lead, rows, n)) * inside
+        grad_table[..., 0] = (grad * (offsets <= 0)).sum(-1)
+        grad_table[..., -1] = (grad * (offsets >= n - 1)).sum(-1)
+        return grad_table, None, None
+
+
+def clipped_offsets(rows: int, cols: int, start: int, device: torch.device) -> torch.Tensor:
+    """`start + c - r` `[rows, cols]`: the unclipped table entry of row `r`, column `c` (`ClippedRows`)."""
+    return start + torch.arange(cols, device=device) - torch.arange(rows, device=device)[:, None]
+
+
 class DistanceRows(torch.autograd.Function):
     """`out[..., r, c] = table[..., r, columns[rows - 1 + c - r]]`: each row of `table` `[..., rows, n]` read along
     the diagonals of a `[rows, cols]` matrix through `columns` `[rows + cols - 1]`, a monotone map from diagonals

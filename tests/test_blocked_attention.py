@@ -11,7 +11,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from hf_relpos import RelPosBertModel, RelPosGPTForCausalLM
 from hf_relpos.attention import BLOCK_SCORES, dense_bias
 from hf_relpos.encodings import build_position_encoding
-from hf_relpos.kernels import DiagonalRows, DistanceRows, QueryBlockedAttention, RunGather, SkewedRows
+from hf_relpos.kernels import ClippedRows, DiagonalRows, DistanceRows, QueryBlockedAttention, RunGather, SkewedRows
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -138,14 +138,16 @@ def test_diagonal_rows_reads_a_toeplitz_matrix_and_sums_its_gradient_along_diago
     assert torch.autograd.gradcheck(lambda t: DiagonalRows.apply(t, start, rows, cols), (table,))
 
 
-@pytest.mark.parametrize("start,cols", [(3, 9), (0, 3), (20, 4), (-4, 12)])
-def test_skewed_rows_read_each_row_along_a_clipped_diagonal(start, cols):
+@pytest.mark.parametrize("start,cols", [(3, 9), (0, 3), (20, 4), (-4, 12), (4, 3)])
+@pytest.mark.parametrize("reader", [SkewedRows, ClippedRows], ids=["copies", "gathers"])
+def test_skewed_rows_read_each_row_along_a_clipped_diagonal(reader, start, cols):
+    # Two implementations of one map: padded copies (eager blocks) and gathers (a compiled graph).
     table = torch.randn(2, 3, 5, 7, dtype=torch.float64, requires_grad=True)
     index = (start + torch.arange(cols) - torch.arange(5)[:, None]).clamp(0, 6)
     expected = table.gather(-1, index.expand(2, 3, -1, -1))
 
-    assert torch.equal(SkewedRows.apply(table, start, cols), expected)
-    assert torch.autograd.gradcheck(lambda t: SkewedRows.apply(t, start, cols), (table,))
+    assert torch.equal(reader.apply(table, start, cols), expected)
+    assert torch.autograd.gradcheck(lambda t: reader.apply(t, start, cols), (table,))
 
 
 @pytest.mark.parametrize("rows,cols,low,high", [(5, 7, -3, 3), (7, 5, 2, 9), (4, 6, -20, 20), (6, 6, 0, 0)])
