@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -606,6 +607,90 @@ def print_report(results: dict) -> None:
                 print(f"{kind:<24}{name:<20}{where:<8}{value:7.3f}  {'met' if cell['met'] else 'MISSED'}")
 
 
+def markdown_report(results: dict) -> str:
+    """The tables of `print_report` in Markdown (docs/PERFORMANCE.md copies them), written beside the JSON."""
+    lines = []
+
+    def table(header: list[str], rows: list[list[str]]) -> None:
+        lines.extend(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)])
+        lines.extend("| " + " | ".join(row) + " |" for row in rows)
+        lines.append("")
+
+    for part in results["meta"].get("parts", [results["meta"]]):
+        lines.append(f"- `{part['command']}`: {part['date']}, torch {part['torch']}, transformers "
+                     f"{part['transformers']}, {part.get('device', 'cpu')}, {part['threads']} thread(s), "
+                     f"{part.get('total_s', '?')} s")
+    lines.append("")
+    train = results.get("train", {})
+    if train:
+        lengths = list(train)
+        lines.append("Training step (forward + backward): time ratio to the faster `BertModel`, peak-memory ratio to "
+                     "`BertModel` of the same kernel, time ratio to transformers' model of the same encoding.")
+        lines.append("")
+        header = ["model", "encoding", "kernel"]
+        for length in lengths:
+            header += [f"L={length} time", f"L={length} mem", f"L={length} vs-own"]
+        rows = []
+        for name in train[lengths[0]]["rows"]:
+            first = train[lengths[0]]["rows"][name]
+            row = [first["model"], first.get("encoding", ""), first.get("kernel", "")]
+            for length in lengths:
+                cell = train[length]["rows"].get(name, {"skipped": "not run"})
+                if "time_ratio" not in cell:
+                    row += ["decoder only" if "decoder" in cell.get("skipped", "") else "not run", "", ""]
+                else:
+                    row += [fmt(cell["time_ratio"]), fmt(cell["mem_ratio"]), fmt(cell.get("time_vs_anchor"))]
+            rows.append(row)
+        table(header, rows)
+        for length in lengths:
+            block = train[length]
+            base = block["rows"][block["baseline"]]
+            lines.append(f"L={length}: baseline `{block['baseline']}` {base['median_s'] * 1e3:.0f} ms/step (median), "
+                         f"peak {base['peak_bytes'] / MiB:.1f} MiB; {block['reps']} paired rounds.")
+        lines.append("")
+    generation = results.get("generation")
+    if generation:
+        size = generation.get("size", {})
+        lines.append(f"Generation: greedy, batch 1, prompt {generation['prompt']}, {generation['new_tokens']} new "
+                     f"tokens, sdpa, KV cache; hidden {size.get('hidden')}, {size.get('heads')} heads, "
+                     f"{size.get('layers')} layers. Ratio: tokens/s to GPT-2's, median of paired runs.")
+        lines.append("")
+        table(["model", "encoding", "tokens/s", "ratio"],
+              [[row["model"], row["encoding"], f"{row['tokens_per_s']:.1f}", fmt(row["ratio"])]
+               for row in generation["rows"].values()])
+    memory = results.get("memory")
+    if memory:
+        lengths = next(iter(memory.values()))["lengths"]
+        lines.append("Inference (no_grad) peak memory, 1 layer, batch 1; `p`: growth exponent between lengths.")
+        lines.append("")
+        table(["encoding:kernel", *[f"L={length} MiB" for length in lengths], "p"],
+              [[name, *[f"{peak / MiB:.1f}" for peak in row["peak_bytes"]],
+                ", ".join(f"{e:.2f}" for e in row.get("growth_exponent", []))] for name, row in memory.items()])
+    rows = []
+    for kind, entries in results.get("targets", {}).items():
+        for name, entry in entries.items():
+            cells = entry.items() if kind in ("time", "compiled_time", "ahead_of_x_transformers") else [("", entry)]
+            for length, cell in cells:
+                value = cell.get("ratio", cell.get("growth_exponent_last"))
+                limit = cell.get("target", "< 1" if kind == "ahead_of_x_transformers" else "")
+                rows.append([kind, name, str(length), f"{value:.2f}", str(limit), "yes" if cell["met"] else "**no**"])
+    if rows:
+        lines.append("Targets (time: the encoding's faster kernel; ahead_of_x_transformers: that kernel's time over "
+                     "x-transformers').")
+        lines.append("")
+        table(["target", "encoding", "L", "measured", "limit", "met"], rows)
+    return "\n".join(lines)
+
+
+def write_report(results: dict, out: str) -> None:
+    """`results` as JSON at `out`, and its Markdown tables beside it (`.md`)."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as handle:
+        json.dump(results, handle, indent=1)
+    with open(os.path.splitext(out)[0] + ".md", "w") as handle:
+        handle.write(markdown_report(results))
+
+
 def encoding_list(text: str) -> list[str]:
     names = text.split(",")
     unknown = [name for name in names if name not in POSITION_ENCODINGS]
@@ -667,8 +752,7 @@ def main(argv=None) -> None:
             results.update(part)
         results["targets"] = targets(results.get("train", {}), results.get("generation"), results.get("memory"),
                                      results.get("llama"))
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=1)
+        write_report(results, args.out)
         print_report(results)
         return
     sections = set(args.sections.split(","))
@@ -690,7 +774,7 @@ def main(argv=None) -> None:
         gen_encodings, new_tokens, gen_reps = list(POSITION_ENCODINGS), 128, 5
         memory_lengths, memory_encodings = [1024, 2048, 4096, 8192], ("alibi", "relative_key")
     results = {"meta": {
-        "command": "python " + " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": "python " + shlex.join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "machine": platform.machine(), "cpu_count": os.cpu_count(), "threads": args.threads or torch.get_num_threads(),
         "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu", "dtype": args.dtype,
@@ -701,9 +785,7 @@ def main(argv=None) -> None:
     def save():
         results["targets"] = targets(results.get("train", {}), results.get("generation"), results.get("memory"),
                                      results.get("llama"))
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=1)
+        write_report(results, args.out)
 
     start = time.perf_counter()
     if args.lengths:
