@@ -60,7 +60,7 @@ demo: install
 
 # Every section of docs/PERFORMANCE.md's main tables in one process on one thread: training at 512 and 2048 tokens
 # (sdpa, eager, compiled, and x-transformers from the `bench` extra beside them), generation at GPT-2 small's widths,
-# inference memory up to 8192 tokens. About 50 minutes on 2 cores; writes benchmarks/results.json.
+# inference memory up to 8192 tokens. About 20 minutes on 2 cores; writes benchmarks/results.json and results.md.
 bench:
 	$(PIP_INSTALL) -q -e ".[bench]"
 	$(PYTHON) benchmarks/run.py --threads 1 --compiled --peers --generation-size gpt2

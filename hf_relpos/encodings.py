@@ -773,10 +773,12 @@ class FireEncoding(StaticBiasEncoding):
 
     def f_pieces(self, tables: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`f` as the piecewise-linear function it is (a ReLU MLP of a scalar): the sorted breakpoints `-b1/w1`
-        `[width]`, and per interval between them the slope and intercept `[width + 1, heads]`, so that
-        `f(x) = slope[k] x + intercept[k]` with `k = searchsorted(breakpoints, x)`. Exact, differentiable in the
-        MLP's parameters (the ReLU pattern of each interval is fixed), and one gather per pair instead of a hidden
-        layer per pair."""
+        `[width]`, and per piece the slope and intercept `[2 width + 1, heads]`, so that `f(x) = slope[k] x +
+        intercept[k]` with `k = piece(x, breakpoints)`. The pieces are the `width + 1` open intervals between the
+        breakpoints, then the breakpoints themselves, where the units that break there are off (ReLU's gradient at
+        0 is 0, as autograd has it; zero-initialised biases put every breakpoint at `x = 0`, a query's own key).
+        Exact in value and gradient, differentiable in the MLP's parameters (each piece's ReLU pattern is fixed),
+        and one gather per pair instead of a hidden layer per pair."""
         weight1, bias1, weight2, bias2 = (t.float() for t in tables[2:])
         slope, offset = weight1[:, 0], bias1
         with torch.no_grad():
@@ -788,9 +790,19 @@ class FireEncoding(StaticBiasEncoding):
             first = torch.where(finite.any(), breakpoints[0] - 1, 0.0)
             edges = torch.cat((first[None], torch.where(finite, breakpoints, last), last[None] + 1))
             active = (slope * ((edges[:-1] + edges[1:]) / 2)[:, None] + offset) > 0
+            # On a breakpoint, the units active on both sides of it: a unit that breaks there is off on one.
+            active = torch.cat((active, active[:-1] & active[1:]))
         slopes = (active * slope) @ weight2.T
         intercepts = (active * offset) @ weight2.T + bias2
         return breakpoints, slopes, intercepts
+
+    @staticmethod
+    def piece(x: torch.Tensor, breakpoints: torch.Tensor) -> torch.Tensor:
+        """The piece of `f_pieces` that holds each `x`: the interval below the first breakpoint `>= x`, or that
+        breakpoint's own piece when `x` is on it."""
+        below = torch.searchsorted(breakpoints, x)
+        on_breakpoint = breakpoints[below.clamp(max=breakpoints.shape[0] - 1)] == x
+        return torch.where(on_breakpoint, below + breakpoints.shape[0] + 1, below)
 
     def distance_bias(self, distance, tables):
         # Queries before the threshold share the normaliser psi(L): their bias is a function of the distance alone.
@@ -800,7 +812,7 @@ class FireEncoding(StaticBiasEncoding):
     def f_by_pieces(self, x: torch.Tensor, tables: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """`f` at `x` `[batch, q_len, k_len]` by its pieces: `[batch, heads, q_len, k_len]`."""
         breakpoints, slopes, intercepts = self.f_pieces(tables)
-        piece = torch.searchsorted(breakpoints, x.detach())
+        piece = self.piece(x.detach(), breakpoints)
         return (slopes.T[:, piece] * x + intercepts.T[:, piece]).transpose(0, 1)
 
     def pair_bias(self, state, tables):
@@ -847,13 +859,16 @@ class FireEncoding(StaticBiasEncoding):
         c = self.c.abs().reshape(1)
         normaliser = torch.log1p(c * torch.maximum(query_positions.float(), self.threshold.abs()))
         breakpoints, slopes, intercepts = self.f_pieces(self.parameter_tables())
+        width = breakpoints.shape[0]
 
         def score_mod(score, b, h, q_idx, kv_idx):
             distance = (key_positions[b, kv_idx] - query_positions[b, q_idx]).abs().float()
             x = torch.log1p(c[0] * distance) / normaliser[b, q_idx]
-            piece = (breakpoints[0] < x).int()
-            for unit in range(1, breakpoints.shape[0]):
-                piece = piece + (breakpoints[unit] < x).int()
+            # `piece` by comparisons: the breakpoints below x, and whether x is on one.
+            below, on_breakpoint = (breakpoints[0] < x).int(), breakpoints[0] == x
+            for unit in range(1, width):
+                below, on_breakpoint = below + (breakpoints[unit] < x).int(), on_breakpoint | (breakpoints[unit] == x)
+            piece = torch.where(on_breakpoint, below + width + 1, below)
             return score + (slopes[piece, h] * x + intercepts[piece, h]).to(score.dtype)
 
         return score_mod

@@ -276,7 +276,7 @@ def test_fire_piecewise_linear_form_equals_its_mlp_in_value_and_gradient(seed):
 
     expected = mlp[1](torch.relu(mlp[0](x[:, None])))
     breakpoints, slopes, intercepts = encoding.f_pieces(encoding.parameter_tables())
-    piece = torch.searchsorted(breakpoints, x.detach())
+    piece = encoding.piece(x.detach(), breakpoints)
     got = slopes[piece] * x[:, None] + intercepts[piece]
 
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
@@ -284,6 +284,28 @@ def test_fire_piecewise_linear_form_equals_its_mlp_in_value_and_gradient(seed):
     for ours, theirs in zip(torch.autograd.grad((got * weights).sum(), parameters),
                             torch.autograd.grad((expected * weights).sum(), parameters), strict=True):
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_fire_pieces_on_a_breakpoint_have_relus_gradient_at_zero(seed):
+    # Zero-initialised biases (transformers' init) put every breakpoint at x = 0, where each query meets its own key:
+    # there ReLU's gradient is 0, so the first layer's biases get no gradient from x = 0.
+    encoding, _ = make_encoding("fire", fire_mlp_width=16)
+    with torch.no_grad():
+        encoding.mlp[0].bias.zero_()
+    x = torch.tensor([-0.5, 0.0, 0.0, 0.25, 1.0], requires_grad=True)
+    mlp = encoding.mlp[0], encoding.mlp[2]
+    parameters = [x, *(p for layer in mlp for p in layer.parameters())]
+
+    expected = mlp[1](torch.relu(mlp[0](x[:, None])))
+    breakpoints, slopes, intercepts = encoding.f_pieces(encoding.parameter_tables())
+    piece = encoding.piece(x.detach(), breakpoints)
+    got = slopes[piece] * x[:, None] + intercepts[piece]
+
+    torch.testing.assert_close(got, expected)
+    weights = torch.randn_like(expected)
+    for ours, theirs in zip(torch.autograd.grad((got * weights).sum(), parameters),
+                            torch.autograd.grad((expected * weights).sum(), parameters), strict=True):
+        torch.testing.assert_close(ours, theirs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
