@@ -266,14 +266,11 @@ def test_decode_step_bias_from_key_pairs_has_the_gradients_of_the_elementwise_fo
         torch.testing.assert_close(ours, theirs)
 
 
-def test_fire_piecewise_linear_form_equals_its_mlp_in_value_and_gradient(seed):
-    encoding, _ = make_encoding("fire", fire_mlp_width=16)
-    with torch.no_grad():
-        encoding.mlp[0].weight[:3] = 0.0  # units whose ReLU does not depend on x: constant or off
-    x = torch.linspace(-3.0, 3.0, 601, requires_grad=True)
+def assert_fire_pieces_equal_its_mlp(encoding, x: torch.Tensor, **tolerance) -> None:
+    """`f` by its pieces at `x` equals the ReLU MLP, in value and (to `tolerance`) in the gradients of `x` and of
+    every weight."""
     mlp = encoding.mlp[0], encoding.mlp[2]
     parameters = [x, *(p for layer in mlp for p in layer.parameters())]
-
     expected = mlp[1](torch.relu(mlp[0](x[:, None])))
     breakpoints, slopes, intercepts = encoding.f_pieces(encoding.parameter_tables())
     piece = encoding.piece(x.detach(), breakpoints)
@@ -283,7 +280,15 @@ def test_fire_piecewise_linear_form_equals_its_mlp_in_value_and_gradient(seed):
     weights = torch.randn_like(expected)
     for ours, theirs in zip(torch.autograd.grad((got * weights).sum(), parameters),
                             torch.autograd.grad((expected * weights).sum(), parameters), strict=True):
-        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours, theirs, **tolerance)
+
+
+def test_fire_piecewise_linear_form_equals_its_mlp_in_value_and_gradient(seed):
+    encoding, _ = make_encoding("fire", fire_mlp_width=16)
+    with torch.no_grad():
+        encoding.mlp[0].weight[:3] = 0.0  # units whose ReLU does not depend on x: constant or off
+    x = torch.linspace(-3.0, 3.0, 601, requires_grad=True)
+    assert_fire_pieces_equal_its_mlp(encoding, x, atol=1e-4, rtol=1e-4)
 
 
 def test_fire_pieces_on_a_breakpoint_have_relus_gradient_at_zero(seed):
@@ -292,20 +297,7 @@ def test_fire_pieces_on_a_breakpoint_have_relus_gradient_at_zero(seed):
     encoding, _ = make_encoding("fire", fire_mlp_width=16)
     with torch.no_grad():
         encoding.mlp[0].bias.zero_()
-    x = torch.tensor([-0.5, 0.0, 0.0, 0.25, 1.0], requires_grad=True)
-    mlp = encoding.mlp[0], encoding.mlp[2]
-    parameters = [x, *(p for layer in mlp for p in layer.parameters())]
-
-    expected = mlp[1](torch.relu(mlp[0](x[:, None])))
-    breakpoints, slopes, intercepts = encoding.f_pieces(encoding.parameter_tables())
-    piece = encoding.piece(x.detach(), breakpoints)
-    got = slopes[piece] * x[:, None] + intercepts[piece]
-
-    torch.testing.assert_close(got, expected)
-    weights = torch.randn_like(expected)
-    for ours, theirs in zip(torch.autograd.grad((got * weights).sum(), parameters),
-                            torch.autograd.grad((expected * weights).sum(), parameters), strict=True):
-        torch.testing.assert_close(ours, theirs)
+    assert_fire_pieces_equal_its_mlp(encoding, torch.tensor([-0.5, 0.0, 0.0, 0.25, 1.0], requires_grad=True))
 
 
 # ---------------------------------------------------------------------------------------------------------------
