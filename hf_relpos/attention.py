@@ -436,15 +436,17 @@ def position_state(
     are left for each layer to build inside its checkpointed region: a reentrant replay runs backward through what
     the layer read, and a graph shared by all layers can be run backward only once.
     """
-    if toeplitz_kernel(config, encoding, attention_mask, query_positions.device, checkpointing):
-        state = encoding.prepare(query_positions, key_positions, dtype, dense=False)
+    def prepared(dense: bool) -> PositionState:
+        state = encoding.prepare(query_positions, key_positions, dtype, dense=dense)
         state.known_offset = known_offset
+        return state
+
+    if toeplitz_kernel(config, encoding, attention_mask, query_positions.device, checkpointing):
+        state = prepared(dense=False)
         if state.uniform_offset is not None:
             state.tables["toeplitz"] = toeplitz_diagonals(encoding, state)
             return state
-    state = encoding.prepare(query_positions, key_positions, dtype,
-                             dense=dense_bias(config, encoding, query_positions, key_positions))
-    state.known_offset = known_offset
+    state = prepared(dense=dense_bias(config, encoding, query_positions, key_positions))
     bias = state.tables.get("bias")
     if (bias is not None and not bias.requires_grad and isinstance(attention_mask, torch.Tensor)
             and config._attn_implementation in ("eager", "sdpa")):
