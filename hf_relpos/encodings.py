@@ -114,6 +114,12 @@ def dense_reader(state: PositionState, tables: tuple[torch.Tensor, ...]) -> str 
     return "runs" if state.ordered else None
 
 
+def reads_clipped(state: PositionState) -> bool:
+    """Whether a content bias reads its distance tables by `clipped_bias`: consecutive positions in a compiled graph
+    (`known_offset`), where a gather by an index would scatter-add every pair in backward (inductor's atomic adds)."""
+    return torch.compiler.is_compiling() and state.uniform_offset is not None
+
+
 def diagonal_bias(
     state: PositionState, name: str, entry: Callable[[torch.Tensor], torch.Tensor],
     query_table: torch.Tensor | None, key_table: torch.Tensor | None,
@@ -893,6 +899,25 @@ class FireEncoding(StaticBiasEncoding):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def clipped_bias(
+    state: PositionState, rows: slice, reach: int, query_table: torch.Tensor | None,
+    reversed_key_table: torch.Tensor | None,
+) -> torch.Tensor:
+    """`query_table[b, h, i, clip(j - i, reach) + reach] + key_table[b, h, j, clip(j - i, reach) + reach]` for the
+    queries in `rows` and consecutive positions in a compiled graph (`known_offset`: no host read), by `ClippedRows`:
+    both terms read along clipped diagonals, keys as rows for the key term, and their backward sums without a
+    scatter-add. Tables `[batch, heads, len, 2 reach + 1]`, the key table with its entries reversed (it then rises
+    along a key's row); a None table adds nothing."""
+    first, stop, _ = rows.indices(state.query_positions.shape[1])
+    offset, bias = state.uniform_offset, 0
+    if query_table is not None:
+        bias = ClippedRows.apply(query_table, offset + reach - first, state.key_positions.shape[1])
+    if reversed_key_table is not None:
+        keys = ClippedRows.apply(reversed_key_table, reach - offset + first, stop - first)
+        bias = bias + keys.transpose(-1, -2)
+    return bias
+
+
 def gather_relative(scores: torch.Tensor, index: torch.Tensor, falls: bool | None = None) -> torch.Tensor:
     """`out[b, h, i, j] = scores[b, h, i, index[b, i, j]]`: `scores` `[batch, heads, q_len, table]`,
     `index` `[batch, q_len, k_len]`. With `falls` (whether `index` falls along a row; it must be monotone), by
@@ -963,16 +988,8 @@ class RelativeKeyEncoding(PositionEncoding):
         if reader == "diagonals":
             return diagonal_bias(state, self.name, lambda distance: distance.clamp(-k, k) + k, tables[0],
                                  tables[1] if self.uses_keys else None)
-        if torch.compiler.is_compiling() and state.uniform_offset is not None:
-            # Consecutive positions in a compiled graph (`known_offset`: no host read): both terms read along clipped
-            # diagonals, keys as rows for `k . r`, and their backward sums without a scatter-add.
-            first, stop, _ = rows.indices(state.query_positions.shape[1])
-            bias = ClippedRows.apply(tables[0], state.uniform_offset + k - first, state.key_positions.shape[1])
-            if self.uses_keys:
-                # `clip(j - i) + k` is the flipped table's entry `k - (j - i)`, which rises along a key's row.
-                keys = ClippedRows.apply(tables[1].flip(-1), k - state.uniform_offset + first, stop - first)
-                bias = bias + keys.transpose(-1, -2)
-            return bias
+        if reads_clipped(state):
+            return clipped_bias(state, rows, k, tables[0], tables[1].flip(-1) if self.uses_keys else None)
         # A dense bias gathers by the index `prepare` built once; a block of consecutive positions reads its
         # `q . r` rows along clipped diagonals (no index tensor; its padded copy is only a block's worth).
         offset = None if state.dense else state.uniform_offset
@@ -1084,6 +1101,7 @@ class DisentangledEncoding(PositionEncoding):
         )
         self.terms = attention_terms(config.pos_att_type)
         self.row_tables = int("c2p" in self.terms)
+        self.reach = self.saturating_distance()
         self.share_att_key = config.share_att_key
         hidden = config.hidden_size
         self.rel_embeddings = nn.Embedding(2 * self.span, hidden)
@@ -1153,6 +1171,22 @@ class DisentangledEncoding(PositionEncoding):
                                                 self.log_ratio)
         return (relative + self.span).clamp(self.first_row, 2 * self.span - 1) - self.first_row
 
+    def saturating_distance(self) -> int:
+        """The least `reach` past which the row of a distance no longer changes: `distance_index(0, t)` is the same
+        for every `t >= reach`, and for every `t <= -reach` (buckets past `max_relative_positions` grow by a log, and
+        the table clips them)."""
+        bound = 2 * (self.span + self.max_relative_positions)
+        distances = torch.arange(-bound, bound + 1, device="cpu")
+        index = self.distance_index(torch.zeros_like(distances), distances)
+        changes = (index[1:] != index[:-1]).nonzero().flatten() - bound  # between t and t + 1
+        return max(1, *(changes + 1).tolist(), *(-changes).tolist())
+
+    def window_rows(self, device: torch.device) -> torch.Tensor:
+        """`distance_index(0, t)` for `t = j - i` in `[-reach, reach]`: the projected rows of a window of distances
+        that `clipped_bias` reads, `[2 reach + 1]`."""
+        distances = torch.arange(-self.reach, self.reach + 1, device=device)
+        return self.distance_index(torch.zeros_like(distances), distances)
+
     def relative_index(self, state: PositionState, rows: slice = slice(None)) -> torch.Tensor:
         """`distance_index` of the queries in `rows` and every key, `[batch, len(rows), k_len]`. It depends on
         `i - j` alone: each distinct distance is bucketed once, then every pair looks its row up."""
@@ -1215,10 +1249,17 @@ class DisentangledEncoding(PositionEncoding):
             self._projections[layer_idx] = (dtype, [p.detach().clone() for p in parameters], projections)
         return projections
 
-    def distance_scores(self, query: torch.Tensor, key: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, ...]:
+    def distance_scores(
+        self, query: torch.Tensor, key: torch.Tensor, layer_idx: int, window: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         """The tables of the terms in `pos_att_type`, scaled: `q . Kr` `[batch, heads, q_len, rows]` (c2p) and
-        `k . Qr` `[batch, heads, k_len, rows]` (p2c)."""
+        `k . Qr` `[batch, heads, k_len, rows]` (p2c). With `window`, over the rows of `window_rows` instead (the
+        p2c table's in reverse), what `clipped_bias` reads: `[batch, heads, len, 2 reach + 1]`."""
         pos_key, pos_query = self.position_projections(layer_idx, query.dtype)
+        if window:
+            rows = self.window_rows(query.device)
+            pos_key = None if pos_key is None else pos_key[:, rows]
+            pos_query = None if pos_query is None else pos_query[:, rows.flip(0)]
         scale = self.scaling(query.shape[-1])
         tables = ()
         if pos_key is not None:
@@ -1228,9 +1269,14 @@ class DisentangledEncoding(PositionEncoding):
         return tables
 
     def bias_tables(self, query, key, state, layer_idx):
-        return self.distance_scores(query, key, layer_idx)
+        # A window of distances (twice the table at the defaults) costs a larger `q . Kr`, but its backward is the
+        # gradient of a small gather of `Kr`'s rows, where the bucket index of every pair scatter-adds each one.
+        return self.distance_scores(query, key, layer_idx, window=reads_clipped(state))
 
     def bias_rows(self, tables, state, rows=slice(None)):
+        if reads_clipped(state):
+            return clipped_bias(state, rows, self.reach, tables[0] if "c2p" in self.terms else None,
+                                tables[-1] if "p2c" in self.terms else None)
         reader = dense_reader(state, tables)
         tables = iter(tables)
         query_table = next(tables) if "c2p" in self.terms else None

@@ -102,6 +102,30 @@ def test_compiled_sdpa_encoder_training_step_stays_bidirectional_without_a_paddi
     assert_compiled_step_equals_eager(RelPosBertModel, config, loss_of)
 
 
+@pytest.mark.parametrize("name,tables", [
+    ("relative_key", dict(max_relative_positions=3)),
+    ("relative_key_query", dict(max_relative_positions=3)),
+    ("deberta", dict(position_buckets=4, max_relative_positions=6)),
+    ("deberta", dict(position_buckets=0, max_relative_positions=3)),
+])
+def test_compiled_content_bias_without_padding_equals_eager_past_its_clipped_distances(seed, name, tables):
+    # Consecutive positions: the compiled graph reads the tables along clipped diagonals (`clipped_bias`), here with
+    # distances of 19 past reaches of 3-6, in an encoder and a decoder.
+    input_ids = torch.randint(1, 99, (2, 20))
+    config = tiny_bert_config(position_embedding_type=name, num_hidden_layers=1, **tables)
+    weights = torch.randn(2, 20, config.hidden_size)
+
+    def loss_of(model):
+        output = model(input_ids=input_ids)
+        return (output.last_hidden_state * weights).mean() + output.pooler_output.mean()
+
+    assert_compiled_step_equals_eager(RelPosBertModel, config, loss_of)
+    assert_compiled_step_equals_eager(
+        RelPosGPTModel, tiny_gpt_config(name, n_layer=1, **tables),
+        lambda model: (model(input_ids=input_ids).last_hidden_state * weights).mean(),
+    )
+
+
 def test_causal_bias_masks_the_keys_after_each_query_with_the_cached_keys_first():
     # 4 queries after 3 cached keys: query i sees keys 0 .. i + 3.
     bias = torch.randn(2, 3, 4, 7)

@@ -329,6 +329,23 @@ def test_deberta_relative_positions_equal_transformers(position_buckets, max_rel
     assert torch.equal(index, (reference + span).clamp(0, 2 * span - 1))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("position_buckets,max_relative_positions", [(64, 128), (256, 512), (8, 16), (0, 6)])
+def test_deberta_window_holds_the_row_of_every_distance_clipped_to_its_reach(causal, position_buckets,
+                                                                            max_relative_positions):
+    # What the compiled path reads (`clipped_bias`): row(t) = window[clip(t, reach) + reach] for every t = j - i,
+    # and no smaller reach would do.
+    encoding, _ = make_encoding("deberta", causal=causal, position_buckets=position_buckets,
+                                max_relative_positions=max_relative_positions)
+    reach, window = encoding.reach, encoding.window_rows(torch.device("cpu"))
+    distances = torch.arange(-8 * max_relative_positions, 8 * max_relative_positions + 1)
+
+    rows = encoding.distance_index(torch.zeros_like(distances), distances)
+
+    assert torch.equal(rows, window[distances.clamp(-reach, reach) + reach])
+    assert window[0] != window[1] or window[-1] != window[-2]
+
+
 @pytest.mark.parametrize("position_buckets,max_relative_positions", [(8, 16), (0, 6)])
 def test_causal_deberta_gives_earlier_keys_the_bias_of_the_bidirectional_one(seed, position_buckets,
                                                                                 max_relative_positions):
