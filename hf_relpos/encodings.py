@@ -1101,7 +1101,10 @@ class DisentangledEncoding(PositionEncoding):
         )
         self.terms = attention_terms(config.pos_att_type)
         self.row_tables = int("c2p" in self.terms)
-        self.reach = self.saturating_distance()
+        # The window of distances that a compiled step reads (`clipped_bias`), where it is at most about twice the
+        # table: not for few buckets over a long `max_relative_positions`, whose log buckets saturate far out.
+        reach = self.saturating_distance()
+        self.reach = reach if reach <= 2 * self.span else None
         self.share_att_key = config.share_att_key
         hidden = config.hidden_size
         self.rel_embeddings = nn.Embedding(2 * self.span, hidden)
@@ -1173,13 +1176,25 @@ class DisentangledEncoding(PositionEncoding):
 
     def saturating_distance(self) -> int:
         """The least `reach` past which the row of a distance no longer changes: `distance_index(0, t)` is the same
-        for every `t >= reach`, and for every `t <= -reach` (buckets past `max_relative_positions` grow by a log, and
-        the table clips them)."""
-        bound = 2 * (self.span + self.max_relative_positions)
-        distances = torch.arange(-bound, bound + 1, device="cpu")
-        index = self.distance_index(torch.zeros_like(distances), distances)
-        changes = (index[1:] != index[:-1]).nonzero().flatten() - bound  # between t and t + 1
-        return max(1, *(changes + 1).tolist(), *(-changes).tolist())
+        for every `t >= reach`, and for every `t <= -reach`. The row is monotone in `t` and bounded by the table:
+        each side brackets the reach between powers of two, then narrows it 64 ways at a time."""
+        reach = 1
+        for sign in (1, -1):
+            powers = 2 ** torch.arange(63, device="cpu")
+            last = self.distance_index(0, sign * powers[-1])
+
+            def saturated(distances: torch.Tensor) -> torch.Tensor:
+                return self.distance_index(0, sign * distances) == last  # noqa: B023 (called in this iteration)
+
+            at = int(powers[saturated(powers)][0])
+            below = at // 2 if at > 1 else 0  # not saturated, or 0
+            while at - below > 1:
+                points = torch.arange(below + 1, at, max(1, (at - below) // 64), device="cpu")
+                hits = saturated(points)
+                below = int(points[~hits][-1]) if not hits.all() else below
+                at = int(points[hits][0]) if hits.any() else at
+            reach = max(reach, at)
+        return reach
 
     def window_rows(self, device: torch.device) -> torch.Tensor:
         """`distance_index(0, t)` for `t = j - i` in `[-reach, reach]`: the projected rows of a window of distances
@@ -1271,10 +1286,13 @@ class DisentangledEncoding(PositionEncoding):
     def bias_tables(self, query, key, state, layer_idx):
         # A window of distances (twice the table at the defaults) costs a larger `q . Kr`, but its backward is the
         # gradient of a small gather of `Kr`'s rows, where the bucket index of every pair scatter-adds each one.
-        return self.distance_scores(query, key, layer_idx, window=reads_clipped(state))
+        return self.distance_scores(query, key, layer_idx, window=self.reads_window(state))
+
+    def reads_window(self, state: PositionState) -> bool:
+        return self.reach is not None and reads_clipped(state)
 
     def bias_rows(self, tables, state, rows=slice(None)):
-        if reads_clipped(state):
+        if self.reads_window(state):
             return clipped_bias(state, rows, self.reach, tables[0] if "c2p" in self.terms else None,
                                 tables[-1] if "p2c" in self.terms else None)
         reader = dense_reader(state, tables)

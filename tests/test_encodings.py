@@ -330,20 +330,43 @@ def test_deberta_relative_positions_equal_transformers(position_buckets, max_rel
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("position_buckets,max_relative_positions", [(64, 128), (256, 512), (8, 16), (0, 6)])
-def test_deberta_window_holds_the_row_of_every_distance_clipped_to_its_reach(causal, position_buckets,
-                                                                            max_relative_positions):
-    # What the compiled path reads (`clipped_bias`): row(t) = window[clip(t, reach) + reach] for every t = j - i,
-    # and no smaller reach would do.
+@pytest.mark.parametrize("position_buckets,max_relative_positions", [(64, 128), (256, 512), (8, 16), (0, 6), (2, 3),
+                                                                    (4, 40)])
+def test_deberta_rows_stop_changing_past_their_saturating_distance(causal, position_buckets, max_relative_positions):
     encoding, _ = make_encoding("deberta", causal=causal, position_buckets=position_buckets,
                                 max_relative_positions=max_relative_positions)
-    reach, window = encoding.reach, encoding.window_rows(torch.device("cpu"))
-    distances = torch.arange(-8 * max_relative_positions, 8 * max_relative_positions + 1)
+    reach = encoding.saturating_distance()
+    near = torch.arange(-4 * reach - 10, 4 * reach + 11)
+    distances = torch.cat((near, torch.tensor([10**6, 10**9, 2**40]), -torch.tensor([10**6, 10**9, 2**40])))
+    clipped = distances.clamp(-reach, reach)
 
     rows = encoding.distance_index(torch.zeros_like(distances), distances)
 
-    assert torch.equal(rows, window[distances.clamp(-reach, reach) + reach])
-    assert window[0] != window[1] or window[-1] != window[-2]
+    assert torch.equal(rows, encoding.distance_index(torch.zeros_like(clipped), clipped))
+    # No smaller reach would do.
+    edges = torch.tensor([reach - 1, reach, 1 - reach, -reach])
+    edge_rows = encoding.distance_index(torch.zeros_like(edges), edges)
+    assert reach == 1 or edge_rows[0] != edge_rows[1] or edge_rows[2] != edge_rows[3]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("position_buckets,max_relative_positions", [(64, 128), (256, 512), (8, 16), (0, 6), (4, 40)])
+def test_deberta_window_holds_the_row_of_every_distance_clipped_to_its_reach(causal, position_buckets,
+                                                                            max_relative_positions):
+    # What the compiled path reads (`clipped_bias`): row(t) = window[clip(t, reach) + reach], where the window is
+    # at most twice the table; few buckets over a long max_relative_positions read by index instead.
+    encoding, _ = make_encoding("deberta", causal=causal, position_buckets=position_buckets,
+                                max_relative_positions=max_relative_positions)
+    reach = encoding.saturating_distance()
+    if reach > 2 * encoding.span:
+        assert encoding.reach is None
+        return
+    distances = torch.arange(-2 * reach, 2 * reach + 1)
+
+    rows = encoding.distance_index(torch.zeros_like(distances), distances)
+
+    assert encoding.reach == reach
+    assert torch.equal(rows, encoding.window_rows(torch.device("cpu"))[distances.clamp(-reach, reach) + reach])
 
 
 @pytest.mark.parametrize("position_buckets,max_relative_positions", [(8, 16), (0, 6)])
