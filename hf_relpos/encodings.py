@@ -1182,15 +1182,11 @@ class DisentangledEncoding(PositionEncoding):
         for sign in (1, -1):
             powers = 2 ** torch.arange(63, device="cpu")
             last = self.distance_index(0, sign * powers[-1])
-
-            def saturated(distances: torch.Tensor) -> torch.Tensor:
-                return self.distance_index(0, sign * distances) == last  # noqa: B023 (called in this iteration)
-
-            at = int(powers[saturated(powers)][0])
+            at = int(powers[self.distance_index(0, sign * powers) == last][0])
             below = at // 2 if at > 1 else 0  # not saturated, or 0
             while at - below > 1:
                 points = torch.arange(below + 1, at, max(1, (at - below) // 64), device="cpu")
-                hits = saturated(points)
+                hits = self.distance_index(0, sign * points) == last
                 below = int(points[~hits][-1]) if not hits.all() else below
                 at = int(points[hits][0]) if hits.any() else at
             reach = max(reach, at)
@@ -1289,6 +1285,7 @@ class DisentangledEncoding(PositionEncoding):
         return self.distance_scores(query, key, layer_idx, window=self.reads_window(state))
 
     def reads_window(self, state: PositionState) -> bool:
+        """Whether this step reads the window of `distance_scores(window=True)` by `clipped_bias`."""
         return self.reach is not None and reads_clipped(state)
 
     def bias_rows(self, tables, state, rows=slice(None)):
