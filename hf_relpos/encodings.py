@@ -1121,6 +1121,7 @@ class DisentangledEncoding(PositionEncoding):
         # registered (and saved) where the model keeps them.
         self.shared_projections: tuple[tuple[nn.Module, nn.Module], ...] = ()
         self._projections: dict[int, tuple] = {}
+        self._window_rows: dict[torch.device, torch.Tensor] = {}
 
     @classmethod
     def validate(cls, config, causal: bool) -> None:
@@ -1194,15 +1195,27 @@ class DisentangledEncoding(PositionEncoding):
 
     def window_rows(self, device: torch.device) -> torch.Tensor:
         """`distance_index(0, t)` for `t = j - i` in `[-reach, reach]`: the projected rows of a window of distances
-        that `clipped_bias` reads, `[2 reach + 1]`."""
-        distances = torch.arange(-self.reach, self.reach + 1, device=device)
-        return self.distance_index(torch.zeros_like(distances), distances)
+        that `clipped_bias` reads, `[2 reach + 1]`. It depends on the config alone: kept per device outside a
+        compiled graph (where it is a constant of the graph)."""
+        kept = None if torch.compiler.is_compiling() else self._window_rows.get(device)
+        if kept is None:
+            distances = torch.arange(-self.reach, self.reach + 1, device=device)
+            kept = self.distance_index(torch.zeros_like(distances), distances)
+            if not torch.compiler.is_compiling():
+                self._window_rows[device] = kept
+        return kept
 
     def relative_index(self, state: PositionState, rows: slice = slice(None)) -> torch.Tensor:
         """`distance_index` of the queries in `rows` and every key, `[batch, len(rows), k_len]`. It depends on
-        `i - j` alone: each distinct distance is bucketed once, then every pair looks its row up."""
+        `i - j` alone: each distinct distance is bucketed once, then every pair looks its row up (in the kept
+        `window_rows` where there is one: no log per forward, nothing read on the host)."""
         if "index" in state.tables:
             return state.tables["index"][:, rows]
+        if self.reach is not None:
+            reach = self.reach
+            return self.window_rows(state.query_positions.device)[
+                relative_distance(state, rows).clamp(-reach, reach) + reach
+            ]
         if torch.compiler.is_compiling():
             # The eager lookup table's size is read from the positions on the host: a graph buckets every pair.
             return self.distance_index(state.query_positions[:, rows, None], state.key_positions[:, None, :])

@@ -20,6 +20,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 from hf_relpos import POSITION_ENCODINGS
 from hf_relpos.configuration_relpos import RelPosGPTConfig
 from hf_relpos.encodings import (
+    PositionState,
     XPosEncoding,
     alibi_slopes,
     build_position_encoding,
@@ -367,6 +368,23 @@ def test_deberta_window_holds_the_row_of_every_distance_clipped_to_its_reach(cau
 
     assert encoding.reach == reach
     assert torch.equal(rows, encoding.window_rows(torch.device("cpu"))[distances.clamp(-reach, reach) + reach])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("position_buckets,max_relative_positions", [(64, 128), (8, 16), (0, 6), (4, 40)])
+def test_deberta_relative_index_is_the_row_of_every_pair(causal, position_buckets, max_relative_positions):
+    # What eager layers read (the window where there is one, a gather by distance where there is none), for
+    # positions that a padded batch and a cache leave: gaps, repeats and distances far past the reach.
+    encoding, _ = make_encoding("deberta", causal=causal, position_buckets=position_buckets,
+                                max_relative_positions=max_relative_positions)
+    query_positions = torch.tensor([[0, 0, 3, 500], [7, 8, 9, 10]])
+    key_positions = torch.tensor([[0, 0, 0, 2, 3, 300, 500, 2000], [0, 1, 2, 3, 7, 8, 9, 10]])
+    state = PositionState(query_positions, key_positions)
+
+    index = encoding.relative_index(state, slice(1, 4))
+
+    reference = encoding.distance_index(query_positions[:, 1:, None], key_positions[:, None, :])
+    assert torch.equal(index, reference)
 
 
 @pytest.mark.parametrize("position_buckets,max_relative_positions", [(8, 16), (0, 6)])
