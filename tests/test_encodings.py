@@ -301,6 +301,23 @@ def test_fire_pieces_on_a_breakpoint_have_relus_gradient_at_zero(seed):
     assert_fire_pieces_equal_its_mlp(encoding, torch.tensor([-0.5, 0.0, 0.0, 0.25, 1.0], requires_grad=True))
 
 
+def test_fire_piece_by_comparisons_equals_its_search(seed):
+    # A compiled graph and a score_mod count the breakpoints below x; eager searches for them. Repeated breakpoints
+    # (zero biases), units whose ReLU ignores x (infinite breakpoints), x on a breakpoint and past every one.
+    encoding, _ = make_encoding("fire", fire_mlp_width=16)
+    with torch.no_grad():
+        encoding.mlp[0].bias[:6] = 0.0
+        encoding.mlp[0].weight[6:8] = 0.0
+    breakpoints = encoding.f_pieces(encoding.parameter_tables())[0]
+    x = torch.cat((torch.linspace(-4.0, 4.0, 801), breakpoints[breakpoints.isfinite()]))
+    below = (breakpoints[None] < x[:, None]).sum(-1)
+    on_breakpoint = (breakpoints[None] == x[:, None]).any(-1)
+    expected = torch.where(on_breakpoint, below + breakpoints.shape[0] + 1, below)
+
+    assert torch.equal(encoding.piece(x, breakpoints), expected)
+    assert torch.equal(encoding.piece_by_comparisons(x, breakpoints), expected)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # DeBERTa
 # ---------------------------------------------------------------------------------------------------------------
