@@ -831,13 +831,15 @@ class FireEncoding(StaticBiasEncoding):
         breakpoints, slopes, intercepts = self.f_pieces(tables)
         if torch.compiler.is_compiling():
             # Read straight into `[batch, heads]` order: the backward of a transposed result would first copy its
-            # incoming gradient into that layout (36 ms of FIRE's 280 at 2048 tokens). Eager indexes by one tensor,
-            # whose backward is faster there.
+            # incoming gradient into that layout (36 ms of FIRE's 280 at 2048 tokens).
             piece = self.piece_by_comparisons(x.detach(), breakpoints)[:, None]
             heads = torch.arange(slopes.shape[1], device=x.device)[:, None, None]
             return slopes[piece, heads] * x[:, None] + intercepts[piece, heads]
-        piece = self.piece(x.detach(), breakpoints)
-        return (slopes.T[:, piece] * x + intercepts.T[:, piece]).transpose(0, 1)
+        # Eager: `gather`, whose backward (a scatter-add) is faster than that of indexing (an `index_put`), and
+        # faster than indexing in `[batch, heads]` order: 531 ms against 663 and 774 forward and backward at 2048.
+        index = self.piece(x.detach(), breakpoints).reshape(1, -1).expand(slopes.shape[1], -1)
+        bias = slopes.T.gather(1, index) * x.reshape(1, -1) + intercepts.T.gather(1, index)
+        return bias.view(-1, *x.shape).transpose(0, 1)
 
     def pair_bias(self, state, tables):
         # Each query's own normaliser psi(max(L, i)), without the eager table's split at the threshold.
