@@ -853,20 +853,19 @@ class FireEncoding(StaticBiasEncoding):
 
     def bias_rows(self, tables, state, rows=slice(None)):
         parameters = tables[1:]
-        bias = super().bias_rows(tables[:1], state, rows)
         query_positions = state.query_positions[:, rows]
-        beyond = query_positions.float() >= parameters[1].abs()
-        if not beyond.any():
-            return bias
-        # Past the threshold each query has its own normaliser psi(i): f at every pair of these rows.
+        if not (query_positions.float() >= parameters[1].abs()).any():
+            return super().bias_rows(tables[:1], state, rows)
+        # Past the threshold each query has its own normaliser psi(i): f at every pair of these rows (exact for the
+        # rows before it too, whose max(L, i) is L).
         key_positions = state.key_positions
         if state.same_rows:
             query_positions, key_positions = query_positions[:1], key_positions[:1]
         x = self.normalized_distance(query_positions[:, :, None], key_positions[:, None, :], *parameters[:2])
         if x.is_cuda and state.dense and any(parameter.requires_grad for parameter in parameters):
             # Per pair on a GPU, as in `pair_bias`.
-            return torch.where(beyond[:, None, :, None], self.f(x[..., None], parameters).permute(0, 3, 1, 2), bias)
-        return torch.where(beyond[:, None, :, None], self.f_by_pieces(x, parameters), bias)
+            return self.f(x[..., None], parameters).permute(0, 3, 1, 2)
+        return self.f_by_pieces(x, parameters)
 
     def score_mod(self, query, key, state, layer_idx):
         if torch.compiler.is_compiling():
