@@ -6,7 +6,9 @@ length (docs/PERFORMANCE.md, section 1b, fourth pass).
 - relative_key_query's two terms, `q . r_clip(j - i)` and `k . r_clip(j - i)`, read from `[heads, L, 2k + 1]` tables:
   `kernels.ClippedRows` (what the library runs compiled) against a plain gather by an index tensor (what it ran
   before), paired in one process; the ratio is ClippedRows' time over the gather's.
-- FIRE's `pair_bias` (its MLP by pieces, every pair): the median time, and `torch.profiler`'s split of one step.
+- FIRE's `pair_bias` (its MLP by pieces, every pair): on the C kernel (`kernels.piecewise_linear`) and as inductor
+  compiles the torch form (`cpu_kernel = False`), paired in one process; the median times, their ratio, and
+  `torch.profiler`'s split of one step on the kernel.
 """
 
 import argparse
@@ -86,16 +88,30 @@ def main() -> None:
         torch.nn.init.normal_(layer.weight)
         torch.nn.init.normal_(layer.bias)
     state_positions = positions[None]
-    bias = torch.compile(lambda: fire.pair_bias(PositionState(state_positions, state_positions),
-                                                fire.parameter_tables()))
 
-    def fire_step():
-        bias().backward(grad)
+    def fire_step(cpu_kernel: bool):
+        graph = torch.compile(lambda: fire.pair_bias(PositionState(state_positions, state_positions),
+                                                     fire.parameter_tables()))
 
-    fire_step()  # compilation
-    times = [seconds(fire_step) for _ in range(args.rounds)]
-    print(f"FIRE pair_bias, L={length}, {heads} heads, forward + backward, compiled: "
-          f"{statistics.median(times) * 1e3:.1f} ms (median of {args.rounds})")
+        def step():
+            fire.cpu_kernel = cpu_kernel  # read when the graph is traced: the first call compiles this form
+            graph().backward(grad)
+
+        step()  # compilation
+        return step
+
+    fire_steps = {"C kernel": fire_step(True), "torch (inductor)": fire_step(False)}
+    fire_times, fire_ratios = {name: [] for name in fire_steps}, []
+    for _ in range(args.rounds):
+        times = {name: seconds(step) for name, step in fire_steps.items()}
+        fire_ratios.append(times["C kernel"] / times["torch (inductor)"])
+        for name, value in times.items():
+            fire_times[name].append(value)
+    print(f"FIRE pair_bias, L={length}, {heads} heads, forward + backward, compiled:")
+    for name, values in fire_times.items():
+        print(f"  {name:<17} {statistics.median(values) * 1e3:7.1f} ms (median of {args.rounds})")
+    print(f"  C kernel / torch: {statistics.median(fire_ratios):.2f}x (median of paired rounds)")
+    fire_step = fire_steps["C kernel"]
     with torch.profiler.profile() as profile:
         fire_step()
     print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))

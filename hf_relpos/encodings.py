@@ -30,7 +30,15 @@ from transformers import initialization as init
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils import logging
 
-from .kernels import ClippedRows, DiagonalRows, DistanceRows, RunGather, SkewedRows
+from .kernels import (
+    ClippedRows,
+    DiagonalRows,
+    DistanceRows,
+    RunGather,
+    SkewedRows,
+    piecewise_linear,
+    piecewise_linear_library,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -759,6 +767,8 @@ class FireEncoding(StaticBiasEncoding):
         self.mlp = nn.Sequential(nn.Linear(1, width), nn.ReLU(), nn.Linear(width, self.num_heads))
         self.c = nn.Parameter(torch.empty(()))
         self.threshold = nn.Parameter(torch.empty(()))
+        # Built here, not where a compiled graph is traced: whether the CPU kernel of the pieces is there.
+        self.cpu_kernel = piecewise_linear_library() is not None
 
     def normalized_distance(self, query_position: torch.Tensor, key_position: torch.Tensor, c: torch.Tensor,
                             threshold: torch.Tensor) -> torch.Tensor:
@@ -829,6 +839,10 @@ class FireEncoding(StaticBiasEncoding):
     def f_by_pieces(self, x: torch.Tensor, tables: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """`f` at `x` `[batch, q_len, k_len]` by its pieces: `[batch, heads, q_len, k_len]`."""
         breakpoints, slopes, intercepts = self.f_pieces(tables)
+        if x.device.type == "cpu" and self.cpu_kernel:
+            # The C kernel, eager or compiled (an opaque operator): 50-60 ms forward and backward at 2048 tokens,
+            # against 207 ms for the compiled graph below and 420 ms for the eager gathers.
+            return piecewise_linear(x.float(), breakpoints.float(), slopes.float(), intercepts.float())
         if torch.compiler.is_compiling():
             # Read straight into `[batch, heads]` order: the backward of a transposed result would first copy its
             # incoming gradient into that layout (36 ms of FIRE's 280 at 2048 tokens).

@@ -8,11 +8,21 @@ Custom `torch.autograd.Function`s that save memory and time over autograd's own 
 `encodings.py` stays the catalog of schemes and `attention.py` the dispatch.
 """
 
+import concurrent.futures
+import ctypes
+import functools
 import hashlib
+import os
+import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 # The namespace of this file's operators, one per version of it: the installed package and a checkpoint's remote
@@ -436,3 +446,221 @@ def skewed(padded: torch.Tensor, first: int, cols: int) -> torch.Tensor:
     *lead, rows, width = padded.shape
     return padded.as_strided((*lead, rows, cols), (*padded.stride()[:-2], width - 1, 1),
                              padded.storage_offset() + first)
+
+
+# FIRE's pieces on a CPU: a C kernel, built at first use with the system's C compiler (`$CC`, else `cc`) into
+# `$HF_RELPOS_CACHE` (default `~/.cache/hf_relpos`). A compiled graph cannot do better than gather each pair's slope
+# and intercept lane by lane and scatter-add their gradients one scalar at a time (section 1b of PERFORMANCE.md);
+# this kernel counts each pair's breakpoints with vector comparisons, reads the per-head tables with gathers and adds
+# the gradients into a few private copies of them, so that neighbouring pairs of one piece do not wait on each other.
+PIECEWISE_LINEAR_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+
+#define TILE 256
+#define COPIES 4
+
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define KERNEL __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define KERNEL
+#endif
+
+/* The piece of each x[j]: the number of breakpoints below it, or width + 1 + that number when it is on one. */
+static inline void pieces(const float *x, int64_t n, const float *breakpoints, int64_t width, int32_t *piece) {
+    int32_t below[TILE];
+    for (int64_t j = 0; j < n; j++) below[j] = 0;
+    for (int64_t u = 0; u < width; u++) {
+        const float t = breakpoints[u];
+        for (int64_t j = 0; j < n; j++) below[j] += (t < x[j]) ? 1 : 0;
+    }
+    for (int64_t j = 0; j < n; j++) {
+        const int32_t k = below[j];
+        piece[j] = (k < width && breakpoints[k] == x[j]) ? k + (int32_t)width + 1 : k;
+    }
+}
+
+/* out[b, h, i, :] = slope[h, p] x[b, i, :] + intercept[h, p] for the rows (b, i) in [begin, end);
+   tables [2, heads, count]: the slopes, then the intercepts. */
+KERNEL void piecewise_linear_forward(const float *x, const float *breakpoints, int64_t width, const float *tables,
+                                     int64_t count, int64_t heads, int64_t queries, int64_t keys, int64_t begin,
+                                     int64_t end, float *out) {
+    int32_t piece[TILE];
+    const int64_t plane = queries * keys;
+    for (int64_t row = begin; row < end; row++) {
+        const int64_t b = row / queries, i = row % queries;
+        for (int64_t start = 0; start < keys; start += TILE) {
+            const int64_t n = keys - start < TILE ? keys - start : TILE;
+            const float *xs = x + row * keys + start;
+            float *o = out + (b * heads * queries + i) * keys + start;
+            pieces(xs, n, breakpoints, width, piece);
+            for (int64_t h = 0; h < heads; h++) {
+                const float *slope = tables + h * count, *intercept = tables + (heads + h) * count;
+                float *oh = o + h * plane;
+                for (int64_t j = 0; j < n; j++) oh[j] = intercept[piece[j]] + slope[piece[j]] * xs[j];
+            }
+        }
+    }
+}
+
+/* The forward's gradients for the rows in [begin, end): grad_x[b, i, j] = sum_h grad[b, h, i, j] slope[h, p], and
+   into sums [2, heads, count] (float64) the sums of grad x and of grad per head and piece (tables: the slopes,
+   [heads, count]). scratch holds
+   COPIES * 2 * heads * count floats. */
+KERNEL void piecewise_linear_backward(const float *grad, const float *x, const float *breakpoints, int64_t width,
+                                      const float *tables, int64_t count, int64_t heads, int64_t queries,
+                                      int64_t keys, int64_t begin, int64_t end, float *grad_x, double *sums,
+                                      float *scratch) {
+    int32_t piece[TILE];
+    const int64_t plane = queries * keys, stride = 2 * heads * count;
+    for (int64_t row = begin; row < end; row++) {
+        const int64_t b = row / queries, i = row % queries;
+        memset(scratch, 0, sizeof(float) * COPIES * stride);
+        for (int64_t start = 0; start < keys; start += TILE) {
+            const int64_t n = keys - start < TILE ? keys - start : TILE;
+            const float *xs = x + row * keys + start;
+            const float *g = grad + (b * heads * queries + i) * keys + start;
+            float *gx = grad_x + row * keys + start;
+            pieces(xs, n, breakpoints, width, piece);
+            for (int64_t j = 0; j < n; j++) gx[j] = 0.0f;
+            for (int64_t h = 0; h < heads; h++) {
+                const float *slope = tables + h * count, *gh = g + h * plane;
+                float *by_x = scratch + h * count, *plain = scratch + (heads + h) * count;
+                for (int64_t j = 0; j < n; j++) {
+                    const int64_t copy = (j % COPIES) * stride + piece[j];
+                    gx[j] += gh[j] * slope[piece[j]];
+                    by_x[copy] += gh[j] * xs[j];
+                    plain[copy] += gh[j];
+                }
+            }
+        }
+        for (int64_t e = 0; e < stride; e++) {
+            double total = 0.0;
+            for (int64_t copy = 0; copy < COPIES; copy++) total += scratch[copy * stride + e];
+            sums[e] += total;
+        }
+    }
+}
+"""
+PIECEWISE_LINEAR_COPIES = 4
+
+
+@functools.cache
+def piecewise_linear_library() -> ctypes.CDLL | None:
+    """The C kernel of `piecewise_linear`, built once per machine and source (None, with a warning, when no C
+    compiler builds it: FIRE then takes its torch path)."""
+    compiler = os.environ.get("CC", "cc")
+    flags = ["-O3", "-shared", "-fPIC", "-ffp-contract=off"]
+    key = hashlib.sha256("\0".join([PIECEWISE_LINEAR_SOURCE, compiler, *flags]).encode()).hexdigest()[:16]
+    folder = Path(os.environ.get("HF_RELPOS_CACHE", Path.home() / ".cache" / "hf_relpos"))
+    library = folder / f"piecewise_linear_{key}.so"
+    try:
+        if not library.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            # Built beside its final name and moved there: another process sees the old state or the whole file.
+            with tempfile.TemporaryDirectory(dir=folder) as build:
+                source, built = Path(build) / "piecewise_linear.c", Path(build) / library.name
+                source.write_text(PIECEWISE_LINEAR_SOURCE)
+                subprocess.run([compiler, *flags, str(source), "-o", str(built)], check=True, capture_output=True,
+                               text=True, timeout=300)
+                os.replace(built, library)
+        return ctypes.CDLL(str(library))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", None) or error
+        logger.warning_once(f"FIRE's CPU kernel could not be built with `{compiler}` ({detail}): FIRE takes its "
+                            "slower torch path. Set CC to a C compiler to build it.")
+        return None
+
+
+def row_ranges(rows: int, per_call: int = 64) -> list[tuple[int, int]]:
+    """`rows` split over torch's intra-op threads, at least `per_call` rows each."""
+    calls = max(1, min(torch.get_num_threads(), rows // per_call))
+    bounds = [rows * part // calls for part in range(calls + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def on_threads(call, ranges: list[tuple[int, int]]) -> list:
+    """`call(begin, end)` for each range, in threads (a ctypes call releases the GIL)."""
+    if len(ranges) == 1:
+        return [call(*ranges[0])]
+    with concurrent.futures.ThreadPoolExecutor(len(ranges)) as pool:
+        return list(pool.map(lambda bounds: call(*bounds), ranges))
+
+
+def pointer(tensor: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(tensor.data_ptr())
+
+
+@torch.library.custom_op(f"{OPERATORS}::piecewise_linear", mutates_args=(), device_types="cpu")
+def piecewise_linear(
+    x: torch.Tensor, breakpoints: torch.Tensor, slopes: torch.Tensor, intercepts: torch.Tensor
+) -> torch.Tensor:
+    """`out[b, h, i, j] = slopes[p, h] x[b, i, j] + intercepts[p, h]`, `p` the piece of `x[b, i, j]` among the
+    sorted `breakpoints` `[width]` (`FireEncoding.piece`): x `[batch, q_len, k_len]`, slopes and intercepts `[2 width
+    + 1, heads]`, out `[batch, heads, q_len, k_len]`, all fp32 on a CPU. By the C kernel of
+    `piecewise_linear_library`; differentiable in x, slopes and intercepts."""
+    if {x.dtype, breakpoints.dtype, slopes.dtype, intercepts.dtype} != {torch.float32}:
+        raise TypeError("piecewise_linear takes fp32 x, breakpoints, slopes and intercepts")
+    library = piecewise_linear_library()
+    x, breakpoints = x.contiguous(), breakpoints.contiguous()
+    tables = torch.stack((slopes.T, intercepts.T)).contiguous()
+    batch, queries, keys = x.shape
+    heads, count = tables.shape[1:]
+    out = x.new_empty(batch, heads, queries, keys)
+    on_threads(lambda begin, end: library.piecewise_linear_forward(
+        pointer(x), pointer(breakpoints), ctypes.c_int64(breakpoints.numel()), pointer(tables),
+        ctypes.c_int64(count), ctypes.c_int64(heads), ctypes.c_int64(queries), ctypes.c_int64(keys),
+        ctypes.c_int64(begin), ctypes.c_int64(end), pointer(out),
+    ), row_ranges(batch * queries))
+    return out
+
+
+@piecewise_linear.register_fake
+def piecewise_linear_shape(x, breakpoints, slopes, intercepts) -> torch.Tensor:
+    return x.new_empty(x.shape[0], slopes.shape[1], *x.shape[1:])
+
+
+@torch.library.custom_op(f"{OPERATORS}::piecewise_linear_backward", mutates_args=(), device_types="cpu")
+def piecewise_linear_backward(
+    grad: torch.Tensor, x: torch.Tensor, breakpoints: torch.Tensor, slopes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of `piecewise_linear` in x `[batch, q_len, k_len]`, slopes and intercepts `[pieces, heads]`,
+    from `grad` `[batch, heads, q_len, k_len]`; the tables' sums in float64."""
+    library = piecewise_linear_library()
+    grad, x, breakpoints = grad.contiguous(), x.contiguous(), breakpoints.contiguous()
+    tables = slopes.T.contiguous()
+    batch, queries, keys = x.shape
+    heads, count = tables.shape
+    grad_x = torch.empty_like(x)
+
+    def rows(begin: int, end: int) -> torch.Tensor:
+        sums = torch.zeros(2, heads, count, dtype=torch.float64)
+        scratch = torch.empty(PIECEWISE_LINEAR_COPIES * 2 * heads * count)
+        library.piecewise_linear_backward(
+            pointer(grad), pointer(x), pointer(breakpoints), ctypes.c_int64(breakpoints.numel()), pointer(tables),
+            ctypes.c_int64(count), ctypes.c_int64(heads), ctypes.c_int64(queries), ctypes.c_int64(keys),
+            ctypes.c_int64(begin), ctypes.c_int64(end), pointer(grad_x), pointer(sums), pointer(scratch),
+        )
+        return sums
+
+    sums = torch.stack(on_threads(rows, row_ranges(batch * queries))).sum(0).float()
+    return grad_x, sums[0].T.contiguous(), sums[1].T.contiguous()
+
+
+@piecewise_linear_backward.register_fake
+def piecewise_linear_backward_shapes(grad, x, breakpoints, slopes):
+    return torch.empty_like(x), torch.empty_like(slopes), torch.empty_like(slopes)
+
+
+def piecewise_linear_context(ctx, inputs, output) -> None:
+    x, breakpoints, slopes, _ = inputs
+    ctx.save_for_backward(x, breakpoints, slopes)
+
+
+def piecewise_linear_gradients(ctx, grad):
+    x, breakpoints, slopes = ctx.saved_tensors
+    grad_x, grad_slopes, grad_intercepts = piecewise_linear_backward(grad, x, breakpoints, slopes)
+    return grad_x, None, grad_slopes, grad_intercepts
+
+
+piecewise_linear.register_autograd(piecewise_linear_gradients, setup_context=piecewise_linear_context)
