@@ -45,6 +45,20 @@ def seconds(step) -> float:
     return time.perf_counter() - start
 
 
+def paired(title: str, steps: dict, rounds: int) -> None:
+    """Each step's median time over `rounds` rounds that run them in turn, and the median ratio of the first step's
+    time to the second's within a round."""
+    (first, second), times = steps, {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(seconds(step))
+    ratios = [a / b for a, b in zip(times[first], times[second], strict=True)]
+    print(title)
+    for name, values in times.items():
+        print(f"  {name:<17} {statistics.median(values) * 1e3:7.1f} ms (median of {rounds})")
+    print(f"  {first} / {second}: {statistics.median(ratios):.2f}x (median of paired rounds)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--length", type=int, default=2048)
@@ -66,19 +80,11 @@ def main() -> None:
         compiled = torch.compile(terms)
         return lambda: compiled(*tables, index).backward(grad)
 
-    steps = {"gather": training_step(gathered_terms), "ClippedRows": training_step(clipped_terms)}
+    steps = {"ClippedRows": training_step(clipped_terms), "gather": training_step(gathered_terms)}
     for step in steps.values():
         step()  # compilation
-    ratios, medians = [], {name: [] for name in steps}
-    for _ in range(args.rounds):
-        times = {name: seconds(step) for name, step in steps.items()}
-        ratios.append(times["ClippedRows"] / times["gather"])
-        for name, value in times.items():
-            medians[name].append(value)
-    print(f"relative_key_query terms, L={length}, {heads} heads, table {2 * k + 1}, forward + backward, compiled:")
-    for name, values in medians.items():
-        print(f"  {name:<12} {statistics.median(values) * 1e3:7.1f} ms (median of {args.rounds})")
-    print(f"  ClippedRows / gather: {statistics.median(ratios):.2f}x (median of paired rounds)")
+    paired(f"relative_key_query terms, L={length}, {heads} heads, table {2 * k + 1}, forward + backward, compiled:",
+           steps, args.rounds)
 
     config = RelPosBertConfig(position_embedding_type="fire", hidden_size=64 * heads, num_attention_heads=heads,
                               max_position_embeddings=length)
@@ -101,16 +107,7 @@ def main() -> None:
         return step
 
     fire_steps = {"C kernel": fire_step(True), "torch (inductor)": fire_step(False)}
-    fire_times, fire_ratios = {name: [] for name in fire_steps}, []
-    for _ in range(args.rounds):
-        times = {name: seconds(step) for name, step in fire_steps.items()}
-        fire_ratios.append(times["C kernel"] / times["torch (inductor)"])
-        for name, value in times.items():
-            fire_times[name].append(value)
-    print(f"FIRE pair_bias, L={length}, {heads} heads, forward + backward, compiled:")
-    for name, values in fire_times.items():
-        print(f"  {name:<17} {statistics.median(values) * 1e3:7.1f} ms (median of {args.rounds})")
-    print(f"  C kernel / torch: {statistics.median(fire_ratios):.2f}x (median of paired rounds)")
+    paired(f"FIRE pair_bias, L={length}, {heads} heads, forward + backward, compiled:", fire_steps, args.rounds)
     fire_step = fire_steps["C kernel"]
     with torch.profiler.profile() as profile:
         fire_step()
