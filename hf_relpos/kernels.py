@@ -504,10 +504,12 @@ KERNEL void piecewise_linear_forward(const float *x, const float *breakpoints, i
     }
 }
 
+/* The floats of scratch that piecewise_linear_backward needs. */
+int64_t piecewise_linear_scratch(int64_t heads, int64_t count) { return COPIES * 2 * heads * count; }
+
 /* The forward's gradients for the rows in [begin, end): grad_x[b, i, j] = sum_h grad[b, h, i, j] slope[h, p], and
    into sums [2, heads, count] (float64) the sums of grad x and of grad per head and piece (tables: the slopes,
-   [heads, count]). scratch holds
-   COPIES * 2 * heads * count floats. */
+   [heads, count]), scratch holding piecewise_linear_scratch(heads, count) floats. */
 KERNEL void piecewise_linear_backward(const float *grad, const float *x, const float *breakpoints, int64_t width,
                                       const float *tables, int64_t count, int64_t heads, int64_t queries,
                                       int64_t keys, int64_t begin, int64_t end, float *grad_x, double *sums,
@@ -543,7 +545,6 @@ KERNEL void piecewise_linear_backward(const float *grad, const float *x, const f
     }
 }
 """
-PIECEWISE_LINEAR_COPIES = 4
 
 
 @functools.cache
@@ -565,12 +566,23 @@ def piecewise_linear_library() -> ctypes.CDLL | None:
                 subprocess.run([compiler, *flags, str(source), "-o", str(built)], check=True, capture_output=True,
                                text=True, timeout=300)
                 os.replace(built, library)
-        return ctypes.CDLL(str(library))
+        built = ctypes.CDLL(str(library))
+        built.piecewise_linear_scratch.restype = ctypes.c_int64
+        return built
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", None) or error
         logger.warning_once(f"FIRE's CPU kernel could not be built with `{compiler}` ({detail}): FIRE takes its "
                             "slower torch path. Set CC to a C compiler to build it.")
         return None
+
+
+def built_library() -> ctypes.CDLL:
+    """`piecewise_linear_library()`, or a `RuntimeError` where it could not be built."""
+    library = piecewise_linear_library()
+    if library is None:
+        raise RuntimeError("piecewise_linear needs its C kernel, which no C compiler built here (see the warning "
+                           "above; set CC to a C compiler)")
+    return library
 
 
 def row_ranges(rows: int, per_call: int = 64) -> list[tuple[int, int]]:
@@ -602,7 +614,7 @@ def piecewise_linear(
     `piecewise_linear_library`; differentiable in x, slopes and intercepts."""
     if {x.dtype, breakpoints.dtype, slopes.dtype, intercepts.dtype} != {torch.float32}:
         raise TypeError("piecewise_linear takes fp32 x, breakpoints, slopes and intercepts")
-    library = piecewise_linear_library()
+    library = built_library()
     x, breakpoints = x.contiguous(), breakpoints.contiguous()
     tables = torch.stack((slopes.T, intercepts.T)).contiguous()
     batch, queries, keys = x.shape
@@ -627,7 +639,7 @@ def piecewise_linear_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of `piecewise_linear` in x `[batch, q_len, k_len]`, slopes and intercepts `[pieces, heads]`,
     from `grad` `[batch, heads, q_len, k_len]`; the tables' sums in float64."""
-    library = piecewise_linear_library()
+    library = built_library()
     grad, x, breakpoints = grad.contiguous(), x.contiguous(), breakpoints.contiguous()
     tables = slopes.T.contiguous()
     batch, queries, keys = x.shape
@@ -636,7 +648,7 @@ def piecewise_linear_backward(
 
     def rows(begin: int, end: int) -> torch.Tensor:
         sums = torch.zeros(2, heads, count, dtype=torch.float64)
-        scratch = torch.empty(PIECEWISE_LINEAR_COPIES * 2 * heads * count)
+        scratch = torch.empty(library.piecewise_linear_scratch(ctypes.c_int64(heads), ctypes.c_int64(count)))
         library.piecewise_linear_backward(
             pointer(grad), pointer(x), pointer(breakpoints), ctypes.c_int64(breakpoints.numel()), pointer(tables),
             ctypes.c_int64(count), ctypes.c_int64(heads), ctypes.c_int64(queries), ctypes.c_int64(keys),

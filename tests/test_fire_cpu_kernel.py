@@ -145,6 +145,11 @@ def run_fire(tmp_path: Path, compiler: str) -> subprocess.CompletedProcess:
         "model = RelPosBertModel(config)\n"
         "model(torch.randint(1, 99, (1, 12))).last_hidden_state.sum().backward()\n"
         "print('kernel', model.position_encoding.cpu_kernel)\n"
+        "from hf_relpos.kernels import piecewise_linear\n"
+        "try:\n"
+        "    piecewise_linear(torch.zeros(1, 2, 2), torch.zeros(1), torch.zeros(3, 4), torch.zeros(3, 4))\n"
+        "except RuntimeError as error:\n"
+        "    print('raises', error)\n"
     )
     env = {**os.environ, "CC": compiler, "HF_RELPOS_CACHE": str(tmp_path / "cache"),
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -158,6 +163,7 @@ def test_fire_without_a_c_compiler_warns_and_trains_on_torch(tmp_path):
     assert "kernel False" in result.stdout
     assert "FIRE's CPU kernel could not be built" in result.stderr
     assert "no-such-cc" in result.stderr
+    assert "raises piecewise_linear needs its C kernel" in result.stdout
 
 
 def test_fire_builds_its_kernel_once_into_the_cache_folder(tmp_path):
@@ -166,5 +172,6 @@ def test_fire_builds_its_kernel_once_into_the_cache_folder(tmp_path):
         result = run_fire(tmp_path, compiler)
         assert result.returncode == 0, result.stderr
         assert "kernel True" in result.stdout
+        assert "raises" not in result.stdout
     # One library, no build folder left behind (it is built beside its name and moved there).
     assert [path.suffix for path in (tmp_path / "cache").iterdir()] == [".so"]
