@@ -108,9 +108,8 @@ def main() -> None:
 
     fire_steps = {"C kernel": fire_step(True), "torch (inductor)": fire_step(False)}
     paired(f"FIRE pair_bias, L={length}, {heads} heads, forward + backward, compiled:", fire_steps, args.rounds)
-    fire_step = fire_steps["C kernel"]
     with torch.profiler.profile() as profile:
-        fire_step()
+        fire_steps["C kernel"]()
     print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 
 

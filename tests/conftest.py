@@ -52,6 +52,14 @@ def tiny_llama_config(position_embedding_type: str = "rope", **overrides) -> Rel
     return RelPosLlamaConfig(**fields)
 
 
+def fire_piece(x: torch.Tensor, breakpoints: torch.Tensor) -> torch.Tensor:
+    """The piece of FIRE's MLP that holds each `x`, written from its definition: the number of breakpoints below
+    `x`, or `width + 1 +` that number when `x` is on one (that breakpoint's own piece)."""
+    below = (breakpoints < x[..., None]).sum(-1)
+    on_breakpoint = (breakpoints == x[..., None]).any(-1)
+    return torch.where(on_breakpoint, below + breakpoints.shape[0] + 1, below)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models run fastest on one thread, and do not stall when the cores are shared. Opt-in per module

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 import torch
-from conftest import BIAS_ENCODINGS, tiny_bert_config
+from conftest import BIAS_ENCODINGS, fire_piece, tiny_bert_config
 from transformers import LlamaConfig
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 from transformers.models.deberta_v2.modeling_deberta_v2 import (
@@ -310,9 +310,7 @@ def test_fire_piece_by_comparisons_equals_its_search(seed):
         encoding.mlp[0].weight[6:8] = 0.0
     breakpoints = encoding.f_pieces(encoding.parameter_tables())[0]
     x = torch.cat((torch.linspace(-4.0, 4.0, 801), breakpoints[breakpoints.isfinite()]))
-    below = (breakpoints[None] < x[:, None]).sum(-1)
-    on_breakpoint = (breakpoints[None] == x[:, None]).any(-1)
-    expected = torch.where(on_breakpoint, below + breakpoints.shape[0] + 1, below)
+    expected = fire_piece(x, breakpoints)
 
     assert torch.equal(encoding.piece(x, breakpoints), expected)
     assert torch.equal(encoding.piece_by_comparisons(x, breakpoints), expected)

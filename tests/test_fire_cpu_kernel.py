@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_bert_config
+from conftest import fire_piece, tiny_bert_config
 
 from hf_relpos import RelPosBertModel
 from hf_relpos.kernels import piecewise_linear, piecewise_linear_library
@@ -33,10 +33,8 @@ def pieces_case(batch: int = 2, queries: int = 9, keys: int = 300) -> tuple[torc
 
 
 def formula(x, breakpoints, slopes, intercepts) -> torch.Tensor:
-    """`slopes[p, h] x + intercepts[p, h]`, `p` the breakpoints below `x`, or `width + 1 +` that count on one."""
-    below = (breakpoints < x[..., None]).sum(-1)
-    on_breakpoint = (breakpoints == x[..., None]).any(-1)
-    piece = torch.where(on_breakpoint, below + breakpoints.shape[0] + 1, below)
+    """`slopes[p, h] x + intercepts[p, h]`, `p` the piece of `x` (`conftest.fire_piece`)."""
+    piece = fire_piece(x, breakpoints)
     return (slopes[piece] * x[..., None] + intercepts[piece]).permute(0, 3, 1, 2)
 
 
@@ -46,8 +44,7 @@ def test_piecewise_linear_equals_the_formula_per_pair(seed):
 
 
 def test_piecewise_linear_has_the_gradients_of_the_formula(seed):
-    x, breakpoints, slopes, intercepts = (t.requires_grad_(t.dtype.is_floating_point and i != 1)
-                                          for i, t in enumerate(pieces_case()))
+    x, breakpoints, slopes, intercepts = (t.requires_grad_(i != 1) for i, t in enumerate(pieces_case()))
     grad = torch.randn(x.shape[0], HEADS, *x.shape[1:])
     inputs = (x, slopes, intercepts)
     got = torch.autograd.grad(piecewise_linear(x, breakpoints, slopes, intercepts), inputs, grad)
