@@ -841,7 +841,7 @@ class FireEncoding(StaticBiasEncoding):
         breakpoints, slopes, intercepts = self.f_pieces(tables)
         if x.device.type == "cpu" and self.cpu_kernel:
             # The C kernel, eager or compiled (an opaque operator): 76 ms forward and backward at 2048 tokens, against
-            # 166 ms for the compiled form below (`benchmarks/compiled_bias.py`) and 420 ms for the eager gathers.
+            # 171 ms for the compiled form below (`benchmarks/compiled_bias.py`) and 420 ms for the eager gathers.
             return piecewise_linear(x.float(), breakpoints.float(), slopes.float(), intercepts.float())
         if torch.compiler.is_compiling():
             # Read straight into `[batch, heads]` order: the backward of a transposed result would first copy its

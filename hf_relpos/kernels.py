@@ -452,14 +452,15 @@ def skewed(padded: torch.Tensor, first: int, cols: int) -> torch.Tensor:
 # FIRE's pieces on a CPU: a C kernel, built at first use with the system's C compiler (`$CC`, else `cc`) into
 # `$HF_RELPOS_CACHE` (default `~/.cache/hf_relpos`). A compiled graph cannot do better than gather each pair's slope
 # and intercept lane by lane and scatter-add their gradients one scalar at a time (section 1b of PERFORMANCE.md);
-# this kernel counts each pair's breakpoints with vector comparisons, reads the per-head tables with gathers and adds
-# the gradients into a few private copies of them, so that neighbouring pairs of one piece do not wait on each other.
+# this kernel counts each pair's breakpoints with vector comparisons. FIRE's x is monotone along a query's keys on
+# either side of it, so most runs of 16 neighbouring pairs share one piece: such a run reads its piece's entries once
+# and adds its gradients as one vector; a run across a breakpoint goes pair by pair, each into its own lane of the sums.
 PIECEWISE_LINEAR_SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
 #define TILE 256
-#define COPIES 4
+#define LANES 16
 
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
 #define KERNEL __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -467,8 +468,10 @@ PIECEWISE_LINEAR_SOURCE = r"""
 #define KERNEL
 #endif
 
-/* The piece of each x[j]: the number of breakpoints below it, or width + 1 + that number when it is on one. */
-static inline void pieces(const float *x, int64_t n, const float *breakpoints, int64_t width, int32_t *piece) {
+/* The piece of each x[j]: the number of breakpoints below it, or width + 1 + that number when it is on one; and
+   whether each run of LANES pairs from the tile's start shares one piece (a full run only). */
+static inline void pieces(const float *x, int64_t n, const float *breakpoints, int64_t width, int32_t *piece,
+                          int32_t *uniform) {
     int32_t below[TILE];
     for (int64_t j = 0; j < n; j++) below[j] = 0;
     for (int64_t u = 0; u < width; u++) {
@@ -479,14 +482,19 @@ static inline void pieces(const float *x, int64_t n, const float *breakpoints, i
         const int32_t k = below[j];
         piece[j] = (k < width && breakpoints[k] == x[j]) ? k + (int32_t)width + 1 : k;
     }
+    for (int64_t run = 0; run * LANES < n; run++) {
+        int32_t same = (run + 1) * LANES <= n;
+        for (int64_t t = 0; same && t < LANES; t++) same = piece[run * LANES + t] == piece[run * LANES];
+        uniform[run] = same;
+    }
 }
 
 /* out[b, h, i, :] = slope[h, p] x[b, i, :] + intercept[h, p] for the rows (b, i) in [begin, end);
-   tables [2, heads, count]: the slopes, then the intercepts. */
+   tables [2, heads, count]: the slopes, then the intercepts. A run of one piece reads its entries once. */
 KERNEL void piecewise_linear_forward(const float *x, const float *breakpoints, int64_t width, const float *tables,
                                      int64_t count, int64_t heads, int64_t queries, int64_t keys, int64_t begin,
                                      int64_t end, float *out) {
-    int32_t piece[TILE];
+    int32_t piece[TILE], uniform[TILE / LANES];
     const int64_t plane = queries * keys;
     for (int64_t row = begin; row < end; row++) {
         const int64_t b = row / queries, i = row % queries;
@@ -494,53 +502,87 @@ KERNEL void piecewise_linear_forward(const float *x, const float *breakpoints, i
             const int64_t n = keys - start < TILE ? keys - start : TILE;
             const float *xs = x + row * keys + start;
             float *o = out + (b * heads * queries + i) * keys + start;
-            pieces(xs, n, breakpoints, width, piece);
+            pieces(xs, n, breakpoints, width, piece, uniform);
             for (int64_t h = 0; h < heads; h++) {
                 const float *slope = tables + h * count, *intercept = tables + (heads + h) * count;
                 float *oh = o + h * plane;
-                for (int64_t j = 0; j < n; j++) oh[j] = intercept[piece[j]] + slope[piece[j]] * xs[j];
+                for (int64_t j = 0; j < n; j += LANES) {
+                    const int64_t m = n - j < LANES ? n - j : LANES;
+                    if (uniform[j / LANES]) {
+                        const float s = slope[piece[j]], c = intercept[piece[j]];
+                        for (int64_t t = 0; t < LANES; t++) oh[j + t] = c + s * xs[j + t];
+                    } else {
+                        for (int64_t t = 0; t < m; t++)
+                            oh[j + t] = intercept[piece[j + t]] + slope[piece[j + t]] * xs[j + t];
+                    }
+                }
             }
         }
     }
 }
 
-/* The floats of scratch that piecewise_linear_backward needs. */
-int64_t piecewise_linear_scratch(int64_t heads, int64_t count) { return COPIES * 2 * heads * count; }
+/* The floats of scratch that piecewise_linear_backward needs: [2, heads, count, LANES] partial sums, and a flag per
+   piece (as a float) for the pieces a row touched. */
+int64_t piecewise_linear_scratch(int64_t heads, int64_t count) { return 2 * heads * count * LANES + count; }
 
 /* The forward's gradients for the rows in [begin, end): grad_x[b, i, j] = sum_h grad[b, h, i, j] slope[h, p], and
    into sums [2, heads, count] (float64) the sums of grad x and of grad per head and piece (tables: the slopes,
-   [heads, count]), scratch holding piecewise_linear_scratch(heads, count) floats. */
+   [heads, count]), scratch holding piecewise_linear_scratch(heads, count) zeroed floats. Pair j of a run adds into
+   lane j % LANES of its piece's partial sums: a run of one piece is a vector addition, and pairs of a run never
+   wait on each other's additions. Each row's partial sums go into sums in float64. */
 KERNEL void piecewise_linear_backward(const float *grad, const float *x, const float *breakpoints, int64_t width,
                                       const float *tables, int64_t count, int64_t heads, int64_t queries,
                                       int64_t keys, int64_t begin, int64_t end, float *grad_x, double *sums,
                                       float *scratch) {
-    int32_t piece[TILE];
-    const int64_t plane = queries * keys, stride = 2 * heads * count;
+    int32_t piece[TILE], uniform[TILE / LANES];
+    const int64_t plane = queries * keys, half = heads * count;
+    float *touched = scratch + 2 * half * LANES;
     for (int64_t row = begin; row < end; row++) {
         const int64_t b = row / queries, i = row % queries;
-        memset(scratch, 0, sizeof(float) * COPIES * stride);
         for (int64_t start = 0; start < keys; start += TILE) {
             const int64_t n = keys - start < TILE ? keys - start : TILE;
             const float *xs = x + row * keys + start;
             const float *g = grad + (b * heads * queries + i) * keys + start;
             float *gx = grad_x + row * keys + start;
-            pieces(xs, n, breakpoints, width, piece);
-            for (int64_t j = 0; j < n; j++) gx[j] = 0.0f;
+            pieces(xs, n, breakpoints, width, piece, uniform);
+            memset(gx, 0, sizeof(float) * n);
+            for (int64_t j = 0; j < n; j += LANES) {
+                const int64_t m = uniform[j / LANES] ? 1 : (n - j < LANES ? n - j : LANES);
+                for (int64_t t = 0; t < m; t++) touched[piece[j + t]] = 1.0f;
+            }
             for (int64_t h = 0; h < heads; h++) {
                 const float *slope = tables + h * count, *gh = g + h * plane;
-                float *by_x = scratch + h * count, *plain = scratch + (heads + h) * count;
-                for (int64_t j = 0; j < n; j++) {
-                    const int64_t copy = (j % COPIES) * stride + piece[j];
-                    gx[j] += gh[j] * slope[piece[j]];
-                    by_x[copy] += gh[j] * xs[j];
-                    plain[copy] += gh[j];
+                float *by_x = scratch + h * count * LANES, *plain = scratch + (half + h * count) * LANES;
+                for (int64_t j = 0; j < n; j += LANES) {
+                    const int64_t m = n - j < LANES ? n - j : LANES;
+                    if (uniform[j / LANES]) {
+                        const float s = slope[piece[j]];
+                        float *bx = by_x + piece[j] * LANES, *pl = plain + piece[j] * LANES;
+                        for (int64_t t = 0; t < LANES; t++) {
+                            gx[j + t] += gh[j + t] * s;
+                            bx[t] += gh[j + t] * xs[j + t];
+                            pl[t] += gh[j + t];
+                        }
+                    } else {
+                        for (int64_t t = 0; t < m; t++) {
+                            const int64_t p = piece[j + t];
+                            gx[j + t] += gh[j + t] * slope[p];
+                            by_x[p * LANES + t] += gh[j + t] * xs[j + t];
+                            plain[p * LANES + t] += gh[j + t];
+                        }
+                    }
                 }
             }
         }
-        for (int64_t e = 0; e < stride; e++) {
-            double total = 0.0;
-            for (int64_t copy = 0; copy < COPIES; copy++) total += scratch[copy * stride + e];
-            sums[e] += total;
+        for (int64_t p = 0; p < count; p++) {
+            if (touched[p] == 0.0f) continue;
+            touched[p] = 0.0f;
+            for (int64_t e = p; e < 2 * half; e += count) {
+                double total = 0.0;
+                for (int64_t t = 0; t < LANES; t++) total += scratch[e * LANES + t];
+                memset(scratch + e * LANES, 0, sizeof(float) * LANES);
+                sums[e] += total;
+            }
         }
     }
 }
@@ -648,7 +690,7 @@ def piecewise_linear_backward(
 
     def rows(begin: int, end: int) -> torch.Tensor:
         sums = torch.zeros(2, heads, count, dtype=torch.float64)
-        scratch = torch.empty(library.piecewise_linear_scratch(ctypes.c_int64(heads), ctypes.c_int64(count)))
+        scratch = torch.zeros(library.piecewise_linear_scratch(ctypes.c_int64(heads), ctypes.c_int64(count)))
         library.piecewise_linear_backward(
             pointer(grad), pointer(x), pointer(breakpoints), ctypes.c_int64(breakpoints.numel()), pointer(tables),
             ctypes.c_int64(count), ctypes.c_int64(heads), ctypes.c_int64(queries), ctypes.c_int64(keys),

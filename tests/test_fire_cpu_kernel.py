@@ -21,10 +21,14 @@ pytestmark = pytest.mark.skipif(piecewise_linear_library() is None, reason="no C
 WIDTH, HEADS = 6, 3
 
 
-def pieces_case(batch: int = 2, queries: int = 9, keys: int = 300) -> tuple[torch.Tensor, ...]:
+def pieces_case(batch: int = 2, queries: int = 9, keys: int = 300, rows: str = "scattered") -> tuple[torch.Tensor, ...]:
     """x `[batch, q, k]` and a piecewise-linear function with a repeated breakpoint, an infinite one (a unit whose
-    slope is 0) and some x exactly on breakpoints; `keys` past the kernel's tile of 256."""
+    slope is 0) and some x exactly on breakpoints; `keys` past the kernel's tile of 256. With `rows="sorted"` each
+    row of x rises, as FIRE's does along the keys past a query: most runs of 16 keys then share one piece (the kernel's
+    vector path), some cross a breakpoint."""
     x = torch.randn(batch, queries, keys) * 2
+    if rows == "sorted":
+        x = x.sort(-1).values
     breakpoints = torch.tensor([-1.5, -0.25, -0.25, 0.0, 1.0, torch.inf])
     x[0, 0, :4] = breakpoints[:4]
     x[1, 2, keys - 1] = 1.0
@@ -38,13 +42,22 @@ def formula(x, breakpoints, slopes, intercepts) -> torch.Tensor:
     return (slopes[piece] * x[..., None] + intercepts[piece]).permute(0, 3, 1, 2)
 
 
-def test_piecewise_linear_equals_the_formula_per_pair(seed):
-    case = pieces_case()
+def test_sorted_rows_hold_runs_of_one_piece_and_runs_across_breakpoints(seed):
+    x, breakpoints, _, _ = pieces_case(rows="sorted")
+    runs = fire_piece(x[..., :288], breakpoints).unflatten(-1, (-1, 16))
+    one_piece = (runs == runs[..., :1]).all(-1)
+    assert one_piece.any() and not one_piece.all()
+
+
+@pytest.mark.parametrize("rows", ["scattered", "sorted"])
+def test_piecewise_linear_equals_the_formula_per_pair(seed, rows):
+    case = pieces_case(rows=rows)
     torch.testing.assert_close(piecewise_linear(*case), formula(*case), rtol=0, atol=1e-6)
 
 
-def test_piecewise_linear_has_the_gradients_of_the_formula(seed):
-    x, breakpoints, slopes, intercepts = (t.requires_grad_(i != 1) for i, t in enumerate(pieces_case()))
+@pytest.mark.parametrize("rows", ["scattered", "sorted"])
+def test_piecewise_linear_has_the_gradients_of_the_formula(seed, rows):
+    x, breakpoints, slopes, intercepts = (t.requires_grad_(i != 1) for i, t in enumerate(pieces_case(rows=rows)))
     grad = torch.randn(x.shape[0], HEADS, *x.shape[1:])
     inputs = (x, slopes, intercepts)
     got = torch.autograd.grad(piecewise_linear(x, breakpoints, slopes, intercepts), inputs, grad)
@@ -60,8 +73,10 @@ def test_piecewise_linear_is_a_well_formed_operator(seed):
     torch.library.opcheck(piecewise_linear, (x.requires_grad_(), breakpoints, slopes.requires_grad_(), intercepts))
 
 
-def test_piecewise_linear_splits_rows_over_threads_without_changing_them(seed):
-    x, breakpoints, slopes, intercepts = (t.requires_grad_(i != 1) for i, t in enumerate(pieces_case(queries=200)))
+@pytest.mark.parametrize("rows", ["scattered", "sorted"])
+def test_piecewise_linear_splits_rows_over_threads_without_changing_them(seed, rows):
+    case = pieces_case(queries=200, rows=rows)
+    x, breakpoints, slopes, intercepts = (t.requires_grad_(i != 1) for i, t in enumerate(case))
     grad = torch.randn(x.shape[0], HEADS, *x.shape[1:])
     results = []
     threads = torch.get_num_threads()
