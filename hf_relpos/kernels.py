@@ -449,13 +449,16 @@ def skewed(padded: torch.Tensor, first: int, cols: int) -> torch.Tensor:
                              padded.storage_offset() + first)
 
 
-# FIRE's pieces on a CPU: a C kernel, built at first use with the system's C compiler (`$CC`, else `cc`) into
-# `$HF_RELPOS_CACHE` (default `~/.cache/hf_relpos`). A compiled graph cannot do better than gather each pair's slope
-# and intercept lane by lane and scatter-add their gradients one scalar at a time (section 1b of PERFORMANCE.md);
-# this kernel counts each pair's breakpoints with vector comparisons. FIRE's x is monotone along a query's keys on
-# either side of it, so most runs of 16 neighbouring pairs share one piece: such a run reads its piece's entries once
-# and adds its gradients as one vector; a run across a breakpoint goes pair by pair, each into its own lane of the sums.
-PIECEWISE_LINEAR_SOURCE = r"""
+# Two kernels in C, built at first use with the system's C compiler (`$CC`, else `cc`) into `$HF_RELPOS_CACHE`
+# (default `~/.cache/hf_relpos`):
+# - FIRE's pieces (`piecewise_linear`). A compiled graph cannot do better than gather each pair's slope and intercept
+#   lane by lane and scatter-add their gradients one scalar at a time (section 1b of PERFORMANCE.md); this kernel
+#   counts each pair's breakpoints with vector comparisons. FIRE's x is monotone along a query's keys on either side
+#   of it, so most runs of 16 neighbouring pairs share one piece: such a run reads its piece's entries once and adds
+#   its gradients as one vector; a run across a breakpoint goes pair by pair, each into its own lane of the sums.
+# - The decode bias of the content encodings (`pair_dot`): each cached key and the query against the row of their
+#   pair, read once, where torch copies the rows, multiplies and sums in three passes over them.
+CPU_KERNELS_SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
@@ -586,44 +589,85 @@ KERNEL void piecewise_linear_backward(const float *grad, const float *x, const f
         }
     }
 }
+
+/* a . b over dim floats, in LANES partial sums added in halves at the end (four dependent additions, not sixteen). */
+static inline float dot(const float *a, const float *b, int64_t dim) {
+    float lanes[LANES] = {0.0f}, total = 0.0f;
+    int64_t d = 0;
+    for (; d + LANES <= dim; d += LANES)
+        for (int64_t t = 0; t < LANES; t++) lanes[t] += a[d + t] * b[d + t];
+    for (; d < dim; d++) total += a[d] * b[d];
+    for (int64_t width = LANES / 2; width > 0; width /= 2)
+        for (int64_t t = 0; t < width; t++) lanes[t] += lanes[t + width];
+    return total + lanes[0];
+}
+
+/* out[b, h, i, j] = scale (q[b, h, i] . query_rows[h, r] + k[b, h, j] . key_rows[h, r]), r = index[b, i, j]: q
+   [batch, heads, queries, dim], k [batch, heads, keys, dim], the row tables [table_heads, rows, dim] (table_heads 1
+   or heads), index [index_batch, queries, keys] (index_batch 1 or batch), all contiguous; a NULL query (with its
+   rows) or key drops its term. Returns -1, before writing, if an index is not a row. */
+KERNEL int64_t pair_dot(const float *query, const float *key, const float *query_rows, const float *key_rows,
+                        const int64_t *index, int64_t batch, int64_t index_batch, int64_t heads, int64_t table_heads,
+                        int64_t rows, int64_t queries, int64_t keys, int64_t dim, float scale, float *out) {
+    for (int64_t e = 0; e < index_batch * queries * keys; e++)
+        if (index[e] < 0 || index[e] >= rows) return -1;
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t h = 0; h < heads; h++) {
+            const int64_t table = (table_heads > 1 ? h : 0) * rows * dim;
+            const float *k = key ? key + (b * heads + h) * keys * dim : NULL;
+            for (int64_t i = 0; i < queries; i++) {
+                const float *q = query ? query + ((b * heads + h) * queries + i) * dim : NULL;
+                const int64_t *r = index + ((index_batch > 1 ? b : 0) * queries + i) * keys;
+                float *o = out + ((b * heads + h) * queries + i) * keys;
+                for (int64_t j = 0; j < keys; j++) {
+                    float total = 0.0f;
+                    if (q) total += dot(q, query_rows + table + r[j] * dim, dim);
+                    if (k) total += dot(k + j * dim, key_rows + table + r[j] * dim, dim);
+                    o[j] = scale * total;
+                }
+            }
+        }
+    return 0;
+}
 """
 
 
 @functools.cache
-def piecewise_linear_library() -> ctypes.CDLL | None:
-    """The C kernel of `piecewise_linear`, built once per machine and source (None, with a warning, when no C
-    compiler builds it: FIRE then takes its torch path)."""
+def cpu_kernels() -> ctypes.CDLL | None:
+    """The C kernels of `piecewise_linear` and `pair_dot`, built once per machine and source (None, with a warning,
+    when no C compiler builds them: FIRE and the decode steps then take their torch paths)."""
     compiler = os.environ.get("CC", "cc")
     flags = ["-O3", "-shared", "-fPIC", "-ffp-contract=off"]
-    key = hashlib.sha256("\0".join([PIECEWISE_LINEAR_SOURCE, compiler, *flags]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([CPU_KERNELS_SOURCE, compiler, *flags]).encode()).hexdigest()[:16]
     folder = Path(os.environ.get("HF_RELPOS_CACHE", Path.home() / ".cache" / "hf_relpos"))
-    library = folder / f"piecewise_linear_{key}.so"
+    library = folder / f"cpu_kernels_{key}.so"
     try:
         if not library.exists():
             folder.mkdir(parents=True, exist_ok=True)
             # Built beside its final name and moved there: another process sees the old state or the whole file.
             with tempfile.TemporaryDirectory(dir=folder) as build:
-                source, built = Path(build) / "piecewise_linear.c", Path(build) / library.name
-                source.write_text(PIECEWISE_LINEAR_SOURCE)
+                source, built = Path(build) / "cpu_kernels.c", Path(build) / library.name
+                source.write_text(CPU_KERNELS_SOURCE)
                 subprocess.run([compiler, *flags, str(source), "-o", str(built)], check=True, capture_output=True,
                                text=True, timeout=300)
                 os.replace(built, library)
         built = ctypes.CDLL(str(library))
-        built.piecewise_linear_scratch.restype = ctypes.c_int64
+        built.piecewise_linear_scratch.restype = built.pair_dot.restype = ctypes.c_int64
         return built
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", None) or error
-        logger.warning_once(f"FIRE's CPU kernel could not be built with `{compiler}` ({detail}): FIRE takes its "
-                            "slower torch path. Set CC to a C compiler to build it.")
+        logger.warning_once(f"hf_relpos's CPU kernels could not be built with `{compiler}` ({detail}): FIRE and the "
+                            "decode steps of deberta and relative_key_query take their slower torch paths. Set CC "
+                            "to a C compiler to build them.")
         return None
 
 
-def built_library() -> ctypes.CDLL:
-    """`piecewise_linear_library()`, or a `RuntimeError` where it could not be built."""
-    library = piecewise_linear_library()
+def built_library(operator: str) -> ctypes.CDLL:
+    """`cpu_kernels()`, or a `RuntimeError` that names `operator` where they could not be built."""
+    library = cpu_kernels()
     if library is None:
-        raise RuntimeError("piecewise_linear needs its C kernel, which no C compiler built here (see the warning "
-                           "above; set CC to a C compiler)")
+        raise RuntimeError(f"{operator} needs its C kernel, which no C compiler built here (see the warning above; "
+                           "set CC to a C compiler)")
     return library
 
 
@@ -653,10 +697,10 @@ def piecewise_linear(
     """`out[b, h, i, j] = slopes[p, h] x[b, i, j] + intercepts[p, h]`, `p` the piece of `x[b, i, j]` among the
     sorted `breakpoints` `[width]` (`FireEncoding.piece`): x `[batch, q_len, k_len]`, slopes and intercepts `[2 width
     + 1, heads]`, out `[batch, heads, q_len, k_len]`, all fp32 on a CPU. By the C kernel of
-    `piecewise_linear_library`; differentiable in x, slopes and intercepts."""
+    `cpu_kernels`; differentiable in x, slopes and intercepts."""
     if {x.dtype, breakpoints.dtype, slopes.dtype, intercepts.dtype} != {torch.float32}:
         raise TypeError("piecewise_linear takes fp32 x, breakpoints, slopes and intercepts")
-    library = built_library()
+    library = built_library("piecewise_linear")
     x, breakpoints = x.contiguous(), breakpoints.contiguous()
     tables = torch.stack((slopes.T, intercepts.T)).contiguous()
     batch, queries, keys = x.shape
@@ -681,7 +725,7 @@ def piecewise_linear_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of `piecewise_linear` in x `[batch, q_len, k_len]`, slopes and intercepts `[pieces, heads]`,
     from `grad` `[batch, heads, q_len, k_len]`; the tables' sums in float64."""
-    library = built_library()
+    library = built_library("piecewise_linear")
     grad, x, breakpoints = grad.contiguous(), x.contiguous(), breakpoints.contiguous()
     tables = slopes.T.contiguous()
     batch, queries, keys = x.shape
@@ -719,3 +763,45 @@ def piecewise_linear_gradients(ctx, grad):
 
 
 piecewise_linear.register_autograd(piecewise_linear_gradients, setup_context=piecewise_linear_context)
+
+
+def pair_dot(
+    query: torch.Tensor | None, key: torch.Tensor | None, query_rows: torch.Tensor | None,
+    key_rows: torch.Tensor | None, index: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """`out[b, h, i, j] = scale (query[b, h, i] . query_rows[h, r] + key[b, h, j] . key_rows[h, r])`, `r = index[b,
+    i, j]`: the bias of a content encoding's decode step, each pair's rows read once by a C kernel (`cpu_kernels`).
+    query `[batch, heads, q_len, d]`, key `[batch, heads, k_len, d]`, row tables `[heads or 1, rows, d]`, index
+    `[batch or 1, q_len, k_len]`; a None query (with its rows) or key drops its term. fp32 on a CPU, without
+    autograd: the callers take it where nothing needs a gradient (`pair_dot_applies`)."""
+    library = built_library("pair_dot")
+    reference = query if query is not None else key
+    batch, heads, queries, dim = reference.shape[0], reference.shape[1], index.shape[1], reference.shape[-1]
+    table = query_rows if query_rows is not None else key_rows
+    query, key, query_rows, key_rows = (
+        None if t is None else t.contiguous() for t in (query, key, query_rows, key_rows)
+    )
+    index = index.to(torch.int64).contiguous()
+    out = reference.new_empty(batch, heads, queries, index.shape[2])
+    failed = library.pair_dot(
+        None if query is None else pointer(query), None if key is None else pointer(key),
+        None if query_rows is None else pointer(query_rows), None if key_rows is None else pointer(key_rows),
+        pointer(index), ctypes.c_int64(batch), ctypes.c_int64(index.shape[0]), ctypes.c_int64(heads),
+        ctypes.c_int64(table.shape[0]), ctypes.c_int64(table.shape[1]), ctypes.c_int64(queries),
+        ctypes.c_int64(index.shape[2]), ctypes.c_int64(dim), ctypes.c_float(scale), pointer(out),
+    )
+    if failed:
+        raise IndexError(f"pair_dot: an index is outside the {table.shape[1]} rows of its tables")
+    return out
+
+
+def pair_dot_applies(*tensors: torch.Tensor | None) -> bool:
+    """Whether `pair_dot` serves these tensors: fp32 on a CPU, eager, nothing that needs a gradient, and the C kernel
+    built."""
+    present = [t for t in tensors if t is not None]
+    return (
+        not torch.compiler.is_compiling()
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in present)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+        and cpu_kernels() is not None
+    )

@@ -1,6 +1,7 @@
 """FIRE's CPU kernel (`kernels.piecewise_linear`, C built at first use): the piecewise-linear form of FIRE's MLP,
 read per pair, equal to the formula in value and gradient, opaque to a compiled graph, split over threads, and
-replaced by the torch path (with a warning) where no C compiler builds it."""
+replaced by the torch path (with a warning) where no C compiler builds the library it shares with
+`kernels.pair_dot` (tests/test_pair_dot_kernel.py), which is built once per cache folder."""
 
 import copy
 import os
@@ -13,10 +14,10 @@ import torch
 from conftest import fire_piece, tiny_bert_config
 
 from hf_relpos import RelPosBertModel
-from hf_relpos.kernels import piecewise_linear, piecewise_linear_library
+from hf_relpos.kernels import cpu_kernels, piecewise_linear
 
 
-pytestmark = pytest.mark.skipif(piecewise_linear_library() is None, reason="no C compiler builds FIRE's kernel")
+pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="no C compiler builds FIRE's kernel")
 
 WIDTH, HEADS = 6, 3
 
@@ -148,7 +149,7 @@ def test_compiled_fire_calls_the_cpu_kernel_and_trains_as_torch_does(seed):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
-def run_fire(tmp_path: Path, compiler: str) -> subprocess.CompletedProcess:
+def run_kernel_users(tmp_path: Path, compiler: str) -> subprocess.CompletedProcess:
     script = (
         "import torch\n"
         "from hf_relpos import RelPosBertConfig, RelPosBertModel\n"
@@ -157,6 +158,12 @@ def run_fire(tmp_path: Path, compiler: str) -> subprocess.CompletedProcess:
         "model = RelPosBertModel(config)\n"
         "model(torch.randint(1, 99, (1, 12))).last_hidden_state.sum().backward()\n"
         "print('kernel', model.position_encoding.cpu_kernel)\n"
+        "from hf_relpos import RelPosGPTConfig, RelPosGPTForCausalLM\n"
+        "config = RelPosGPTConfig(position_embedding_type='deberta', vocab_size=99, n_embd=32, n_layer=1, n_head=2)\n"
+        "with torch.no_grad():\n"
+        "    generated = RelPosGPTForCausalLM(config).generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=4,"
+        " min_new_tokens=4, do_sample=False)\n"
+        "print('decoded', generated.shape[1])\n"
         "from hf_relpos.kernels import piecewise_linear\n"
         "try:\n"
         "    piecewise_linear(torch.zeros(1, 2, 2), torch.zeros(1), torch.zeros(3, 4), torch.zeros(3, 4))\n"
@@ -169,21 +176,23 @@ def run_fire(tmp_path: Path, compiler: str) -> subprocess.CompletedProcess:
                           cwd=tmp_path)
 
 
-def test_fire_without_a_c_compiler_warns_and_trains_on_torch(tmp_path):
-    result = run_fire(tmp_path, str(tmp_path / "no-such-cc"))
+def test_without_a_c_compiler_fire_trains_and_deberta_decodes_on_torch_with_a_warning(tmp_path):
+    result = run_kernel_users(tmp_path, str(tmp_path / "no-such-cc"))
     assert result.returncode == 0, result.stderr
     assert "kernel False" in result.stdout
-    assert "FIRE's CPU kernel could not be built" in result.stderr
+    assert "decoded 7" in result.stdout
+    assert "hf_relpos's CPU kernels could not be built" in result.stderr
     assert "no-such-cc" in result.stderr
     assert "raises piecewise_linear needs its C kernel" in result.stdout
 
 
-def test_fire_builds_its_kernel_once_into_the_cache_folder(tmp_path):
+def test_the_cpu_kernels_are_built_once_into_the_cache_folder(tmp_path):
     compiler = os.environ.get("CC", "cc")
     for _ in range(2):
-        result = run_fire(tmp_path, compiler)
+        result = run_kernel_users(tmp_path, compiler)
         assert result.returncode == 0, result.stderr
         assert "kernel True" in result.stdout
+        assert "decoded 7" in result.stdout
         assert "raises" not in result.stdout
     # One library, no build folder left behind (it is built beside its name and moved there).
     assert [path.suffix for path in (tmp_path / "cache").iterdir()] == [".so"]
