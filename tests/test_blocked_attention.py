@@ -76,8 +76,9 @@ def test_blocked_attention_equals_dense_attention_in_value_and_gradient(seed, na
     grads = torch.autograd.grad(output.pow(2).sum(), inputs, materialize_grads=True)
 
     # FIRE's MLP runs in fp32 whatever the model's dtype (by its pieces, in the dense bias and the blocked rows):
-    # values and gradients carry fp32 rounding.
-    value_atol, grad_atol = (1e-5, 1e-5) if name == "fire" else (1e-9, 1e-8)
+    # values and gradients carry fp32 rounding: the bias reaches about 35 here, where fp32's spacing is 4e-6, and the
+    # blocks before the threshold read it from the MLP's table of distances (gradients up to 2e-5 apart measured).
+    value_atol, grad_atol = (1e-5, 1e-4) if name == "fire" else (1e-9, 1e-8)
     torch.testing.assert_close(output, expected, rtol=1e-6, atol=value_atol)
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=grad_atol)

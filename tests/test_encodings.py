@@ -474,7 +474,9 @@ def test_deberta_bias_without_autograd_follows_parameter_updates(seed):
         after = encoding.bias(q, key, state, 0)
     fresh = encoding.bias(q, key, state, 0)  # with autograd: nothing kept
     assert not torch.allclose(before, after)
-    torch.testing.assert_close(after, fresh.detach(), atol=0, rtol=0)
+    # Without autograd a CPU step may take the C kernel (`kernels.pair_dot`): the same products, summed in another
+    # order, so equal to fp32 rounding.
+    torch.testing.assert_close(after, fresh.detach())
 
 
 # ---------------------------------------------------------------------------------------------------------------
