@@ -24,7 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
 from .encodings import PositionEncoding, PositionState, get_encoding_class
-from .kernels import QueryBlockedAttention, later_keys, toeplitz_attention, toeplitz_mask
+from .kernels import QueryBlockedAttention, later_keys, toeplitz_attention, toeplitz_mask, with_denormals_flushed
 
 
 logger = logging.get_logger(__name__)
@@ -527,9 +527,12 @@ def toeplitz_attention_forward(
         output = toeplitz_attention(query, key, value, diagonals, scaling, query_block_size(query, key), dropout, seed)
         return output.transpose(1, 2).contiguous(), None
     mask = toeplitz_mask(diagonals, query.shape[2], key.shape[2])
-    output = nn.functional.scaled_dot_product_attention(
-        query.flip(2), key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
-        enable_gqa=key.shape[1] != query.shape[1],
+    output = with_denormals_flushed(
+        lambda query, key, value: nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+            enable_gqa=key.shape[1] != query.shape[1],
+        ),
+        query.flip(2), key, value,
     )
     return output.transpose(1, 2).flip(1).contiguous(), None
 

@@ -35,6 +35,55 @@ OPERATORS = f"hf_relpos_{hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 DENORMAL_GUARD = torch.finfo(torch.float32).tiny ** 0.5
 
 
+def denormals_flushed() -> bool:
+    """Whether the CPU flushes denormal floats to zero (`torch.set_flush_denormal`, which has no getter): a denormal
+    constant then reads back as zero."""
+    return torch.full((), 1e-40).item() == 0.0
+
+
+class FlushDenormalsInBackward(torch.autograd.Function):
+    """The identity on `tensors`, whose backward sets the CPU's denormal mode: `flush` turns flushing on (noting in
+    `mode` whether it was on already), otherwise the mode noted is restored. Placed after and before an operation,
+    they bracket that operation's backward."""
+
+    @staticmethod
+    def forward(ctx, mode: dict, flush: bool, *tensors: torch.Tensor):
+        ctx.mode, ctx.flush = mode, flush
+        return tuple(tensor.view_as(tensor) for tensor in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if ctx.flush:
+            ctx.mode["was_flushed"] = denormals_flushed()
+            torch.set_flush_denormal(True)
+        elif ctx.mode.pop("was_flushed", True) is False:
+            torch.set_flush_denormal(False)
+        return None, None, *grads
+
+
+def with_denormals_flushed(function, *inputs: torch.Tensor) -> torch.Tensor:
+    """`function(*inputs)` with denormal floats flushed to zero on the CPU in its forward and its backward, the
+    caller's mode restored after each (eager only: a compiled graph calls `function` as it is).
+
+    A bias that falls far below its row's maximum (ALiBi's distant keys) leaves probabilities between fp32's smallest
+    denormal and its smallest normal number (1e-45 to 1e-38) in torch's fused attention, forward and backward, which
+    some CPUs compute at a small fraction of their speed: ALiBi's training step at 2048 tokens took 3.5x
+    `BertModel`'s on an AVX-512 Xeon, and 1.0x flushed. Only values below 1.2e-38 change, to zero."""
+    if torch.compiler.is_compiling() or inputs[0].device.type != "cpu":
+        return function(*inputs)
+    mode: dict = {}
+    backward = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs)
+    if backward:
+        inputs = FlushDenormalsInBackward.apply(mode, False, *inputs)
+    was_flushed = denormals_flushed()
+    torch.set_flush_denormal(True)
+    try:
+        output = function(*inputs)
+    finally:
+        torch.set_flush_denormal(was_flushed)
+    return FlushDenormalsInBackward.apply(mode, True, output)[0] if backward else output
+
+
 class QueryBlockedAttention(torch.autograd.Function):
     """`softmax(q k^T * scaling + bias + mask) v` over blocks of queries, for a bias that needs a gradient.
 
@@ -778,6 +827,9 @@ def pair_dot(
     reference = query if query is not None else key
     batch, heads, queries, dim = reference.shape[0], reference.shape[1], index.shape[1], reference.shape[-1]
     table = query_rows if query_rows is not None else key_rows
+    if table.shape[0] not in (1, heads) or table.shape[-1] != dim or index.shape[0] not in (1, batch):
+        raise ValueError(f"pair_dot: tables {tuple(table.shape)} and index {tuple(index.shape)} do not fit queries "
+                         f"and keys of {batch} rows, {heads} heads and dim {dim}")
     query, key, query_rows, key_rows = (
         None if t is None else t.contiguous() for t in (query, key, query_rows, key_rows)
     )

@@ -62,6 +62,12 @@ def test_pair_dot_rejects_an_index_outside_the_rows(bad):
         pair_dot(torch.randn(1, HEADS, 1, 8), None, torch.randn(HEADS, ROWS, 8), None, index, 1.0)
 
 
+def test_pair_dot_rejects_tables_of_another_head_count():
+    with pytest.raises(ValueError, match="do not fit"):
+        pair_dot(torch.randn(1, HEADS, 1, 8), None, torch.randn(HEADS + 1, ROWS, 8), None,
+                 torch.zeros(1, 1, KEYS, dtype=torch.long), 1.0)
+
+
 def test_pair_dot_applies_to_fp32_cpu_tensors_that_need_no_gradient():
     table = torch.nn.Parameter(torch.randn(ROWS, 8))
     query = torch.randn(1, HEADS, 1, 8)

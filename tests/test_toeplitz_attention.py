@@ -21,7 +21,13 @@ import hf_relpos.kernels
 from hf_relpos import RelPosBertModel, RelPosGPTForCausalLM, RelPosLlamaForCausalLM
 from hf_relpos.attention import consecutive_offset, position_state, toeplitz_attention_forward
 from hf_relpos.encodings import PositionState, alibi_slopes, build_position_encoding
-from hf_relpos.kernels import OPERATORS, toeplitz_attention, toeplitz_mask
+from hf_relpos.kernels import (
+    OPERATORS,
+    denormals_flushed,
+    toeplitz_attention,
+    toeplitz_mask,
+    with_denormals_flushed,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -112,6 +118,36 @@ def test_toeplitz_attention_equals_softmax_with_the_dense_bias_in_value_and_grad
     for got_grad, want_grad in zip(torch.autograd.grad(got, (query, key, value), grad),
                                    torch.autograd.grad(want, (query, key, value), grad), strict=True):
         torch.testing.assert_close(got_grad, want_grad)
+
+
+def tiny_product(x: torch.Tensor) -> torch.Tensor:
+    """`x * 1e-40` in two normal factors: a denormal result, and a denormal gradient in backward."""
+    return x * 1e-20 * 1e-20
+
+
+@pytest.mark.parametrize("caller_flushes", [False, True])
+def test_a_fused_call_flushes_denormals_in_its_forward_and_backward_and_restores_the_callers_mode(caller_flushes):
+    x = torch.ones(3, requires_grad=True)
+    torch.set_flush_denormal(caller_flushes)
+    try:
+        assert (tiny_product(x.detach()) == 0).all() == caller_flushes  # the product is denormal unless flushed
+        out = with_denormals_flushed(tiny_product, x)
+        assert denormals_flushed() == caller_flushes
+        (grad,) = torch.autograd.grad(out, x, torch.ones(3))
+        assert denormals_flushed() == caller_flushes
+    finally:
+        torch.set_flush_denormal(False)
+    assert (out == 0).all() and (grad == 0).all()
+
+
+def test_training_alibi_on_the_diagonals_leaves_the_callers_denormal_mode_as_it_was(seed):
+    model = RelPosBertModel(sdpa_config("alibi")).train()
+    model.set_attn_implementation("sdpa")
+    state = position_state(model.config, model.position_encoding, torch.arange(LENGTH)[None],
+                           torch.arange(LENGTH)[None], torch.float32)
+    assert "toeplitz" in state.tables  # the fused kernel over the diagonals, which flushes
+    model(torch.randint(1, 99, (1, LENGTH))).last_hidden_state.sum().backward()
+    assert not denormals_flushed()
 
 
 def toeplitz_inputs(length: int = 10):
