@@ -24,7 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
 from .encodings import PositionEncoding, PositionState, get_encoding_class
-from .kernels import QueryBlockedAttention, later_keys, toeplitz_attention, toeplitz_mask, with_denormals_flushed
+from .kernels import QueryBlockedAttention, flushed_attention, later_keys, toeplitz_attention, toeplitz_mask
 
 
 logger = logging.get_logger(__name__)
@@ -526,13 +526,16 @@ def toeplitz_attention_forward(
         seed = torch.randint(2**62, (), device=query.device) if dropout > 0.0 else None
         output = toeplitz_attention(query, key, value, diagonals, scaling, query_block_size(query, key), dropout, seed)
         return output.transpose(1, 2).contiguous(), None
+    if dropout == 0.0 and query.dtype in (torch.float32, torch.bfloat16):
+        # torch's fused kernel with denormals flushed, forward and backward (ALiBi's distant keys: `flushed_attention`).
+        groups = query.shape[1] // key.shape[1]
+        output, _ = flushed_attention(query.flip(2), repeat_kv(key, groups), repeat_kv(value, groups), diagonals,
+                                      scaling)
+        return output.transpose(1, 2).flip(1).contiguous(), None
     mask = toeplitz_mask(diagonals, query.shape[2], key.shape[2])
-    output = with_denormals_flushed(
-        lambda query, key, value: nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
-            enable_gqa=key.shape[1] != query.shape[1],
-        ),
-        query.flip(2), key, value,
+    output = nn.functional.scaled_dot_product_attention(
+        query.flip(2), key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+        enable_gqa=key.shape[1] != query.shape[1],
     )
     return output.transpose(1, 2).flip(1).contiguous(), None
 

@@ -10,12 +10,14 @@ Custom `torch.autograd.Function`s that save memory and time over autograd's own 
 """
 
 import concurrent.futures
+import contextlib
 import ctypes
 import functools
 import hashlib
 import os
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -33,55 +35,6 @@ OPERATORS = f"hf_relpos_{hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 # Probabilities below this (~1e-19) are zeroed by the blocked kernel (see `block_probabilities`).
 DENORMAL_GUARD = torch.finfo(torch.float32).tiny ** 0.5
-
-
-def denormals_flushed() -> bool:
-    """Whether the CPU flushes denormal floats to zero (`torch.set_flush_denormal`, which has no getter): a denormal
-    constant then reads back as zero."""
-    return torch.full((), 1e-40).item() == 0.0
-
-
-class FlushDenormalsInBackward(torch.autograd.Function):
-    """The identity on `tensors`, whose backward sets the CPU's denormal mode: `flush` turns flushing on (noting in
-    `mode` whether it was on already), otherwise the mode noted is restored. Placed after and before an operation,
-    they bracket that operation's backward."""
-
-    @staticmethod
-    def forward(ctx, mode: dict, flush: bool, *tensors: torch.Tensor):
-        ctx.mode, ctx.flush = mode, flush
-        return tuple(tensor.view_as(tensor) for tensor in tensors)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        if ctx.flush:
-            ctx.mode["was_flushed"] = denormals_flushed()
-            torch.set_flush_denormal(True)
-        elif ctx.mode.pop("was_flushed", True) is False:
-            torch.set_flush_denormal(False)
-        return None, None, *grads
-
-
-def with_denormals_flushed(function, *inputs: torch.Tensor) -> torch.Tensor:
-    """`function(*inputs)` with denormal floats flushed to zero on the CPU in its forward and its backward, the
-    caller's mode restored after each (eager only: a compiled graph calls `function` as it is).
-
-    A bias that falls far below its row's maximum (ALiBi's distant keys) leaves probabilities between fp32's smallest
-    denormal and its smallest normal number (1e-45 to 1e-38) in torch's fused attention, forward and backward, which
-    some CPUs compute at a small fraction of their speed: ALiBi's training step at 2048 tokens took 3.5x
-    `BertModel`'s on an AVX-512 Xeon, and 1.0x flushed. Only values below 1.2e-38 change, to zero."""
-    if torch.compiler.is_compiling() or inputs[0].device.type != "cpu":
-        return function(*inputs)
-    mode: dict = {}
-    backward = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs)
-    if backward:
-        inputs = FlushDenormalsInBackward.apply(mode, False, *inputs)
-    was_flushed = denormals_flushed()
-    torch.set_flush_denormal(True)
-    try:
-        output = function(*inputs)
-    finally:
-        torch.set_flush_denormal(was_flushed)
-    return FlushDenormalsInBackward.apply(mode, True, output)[0] if backward else output
 
 
 class QueryBlockedAttention(torch.autograd.Function):
@@ -352,6 +305,85 @@ def toeplitz_attention_gradients(ctx, grad_output):
 
 
 toeplitz_attention.register_autograd(toeplitz_attention_gradients, setup_context=toeplitz_attention_context)
+
+
+def denormals_flushed() -> bool:
+    """Whether the CPU flushes denormal floats to zero (`torch.set_flush_denormal`, which has no getter): a denormal
+    constant then reads back as zero."""
+    return torch.full((), 1e-40).item() == 0.0
+
+
+@contextlib.contextmanager
+def flushed_denormals() -> Iterator[None]:
+    """Denormal floats flushed to zero on the CPU inside the block, the caller's mode restored after it."""
+    was_flushed = denormals_flushed()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(was_flushed)
+
+
+@torch.library.custom_op(f"{OPERATORS}::flushed_attention", mutates_args=(), device_types="cpu")
+def flushed_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, diagonals: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's fused CPU attention with the Toeplitz mask of fixed `diagonals` (`toeplitz_mask`: queries in reverse
+    order), forward and backward with denormal floats flushed to zero, the caller's mode restored after each: the
+    output `[batch, heads, q_len, d]` and the log-sum-exp its backward reads. Opaque, so a compiled graph flushes too.
+
+    A bias that falls far below its row's maximum (ALiBi's distant keys) leaves probabilities between fp32's smallest
+    denormal and its smallest normal number (1e-45 to 1e-38), which some CPUs compute at a small fraction of their
+    speed: ALiBi's training step at 2048 tokens took 3.5x `BertModel`'s on an AVX-512 Xeon, 1.04x flushed. Only
+    values below 1.2e-38 change, to zero. No gradient for the diagonals: a bias that trains takes
+    `toeplitz_attention`."""
+    mask = toeplitz_mask(diagonals, query.shape[2], key.shape[2])
+    with flushed_denormals():
+        output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value,
+                                                                                       attn_mask=mask, scale=scaling)
+    # Contiguous whatever the inputs' layout, as the fake kernel says (the fused kernel's follows its query's).
+    return output.contiguous(), logsumexp.contiguous()
+
+
+@flushed_attention.register_fake
+def flushed_attention_shapes(query, key, value, diagonals, scaling):
+    batch, heads, length, _ = query.shape
+    return query.new_empty(batch, heads, length, value.shape[-1]), query.new_empty(batch, heads, length,
+                                                                                   dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{OPERATORS}::flushed_attention_backward", mutates_args=(), device_types="cpu")
+def flushed_attention_backward(
+    grad_output: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, diagonals: torch.Tensor,
+    output: torch.Tensor, logsumexp: torch.Tensor, scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of `flushed_attention` in its query, key and value, by torch's fused backward, flushed."""
+    mask = toeplitz_mask(diagonals, query.shape[2], key.shape[2])
+    with flushed_denormals():
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_output.contiguous(), query, key, value, output, logsumexp, 0.0, False, attn_mask=mask, scale=scaling
+        )
+    return tuple(grad.contiguous() for grad in grads)
+
+
+@flushed_attention_backward.register_fake
+def flushed_attention_backward_shapes(grad_output, query, key, value, *args):
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+
+
+def flushed_attention_context(ctx, inputs, output) -> None:
+    query, key, value, diagonals, scaling = inputs
+    ctx.save_for_backward(query, key, value, diagonals, *output)
+    ctx.scaling = scaling
+
+
+def flushed_attention_gradients(ctx, grad_output, grad_logsumexp):
+    query, key, value, diagonals, output, logsumexp = ctx.saved_tensors
+    grads = flushed_attention_backward(grad_output, query, key, value, diagonals, output, logsumexp, ctx.scaling)
+    return *grads, None, None
+
+
+flushed_attention.register_autograd(flushed_attention_gradients, setup_context=flushed_attention_context)
 
 
 class SkewedRows(torch.autograd.Function):

@@ -24,9 +24,10 @@ from hf_relpos.encodings import PositionState, alibi_slopes, build_position_enco
 from hf_relpos.kernels import (
     OPERATORS,
     denormals_flushed,
+    flushed_attention,
+    flushed_denormals,
     toeplitz_attention,
     toeplitz_mask,
-    with_denormals_flushed,
 )
 
 
@@ -121,23 +122,56 @@ def test_toeplitz_attention_equals_softmax_with_the_dense_bias_in_value_and_grad
 
 
 def tiny_product(x: torch.Tensor) -> torch.Tensor:
-    """`x * 1e-40` in two normal factors: a denormal result, and a denormal gradient in backward."""
+    """`x * 1e-40` in two normal factors: a denormal result unless denormals are flushed."""
     return x * 1e-20 * 1e-20
 
 
 @pytest.mark.parametrize("caller_flushes", [False, True])
-def test_a_fused_call_flushes_denormals_in_its_forward_and_backward_and_restores_the_callers_mode(caller_flushes):
-    x = torch.ones(3, requires_grad=True)
+def test_denormals_are_flushed_inside_the_block_and_the_callers_mode_restored(caller_flushes):
     torch.set_flush_denormal(caller_flushes)
     try:
-        assert (tiny_product(x.detach()) == 0).all() == caller_flushes  # the product is denormal unless flushed
-        out = with_denormals_flushed(tiny_product, x)
-        assert denormals_flushed() == caller_flushes
-        (grad,) = torch.autograd.grad(out, x, torch.ones(3))
+        assert (tiny_product(torch.ones(3)) == 0).all() == caller_flushes
+        with flushed_denormals():
+            assert (tiny_product(torch.ones(3)) == 0).all()
         assert denormals_flushed() == caller_flushes
     finally:
         torch.set_flush_denormal(False)
-    assert (out == 0).all() and (grad == 0).all()
+
+
+def alibi_case(length: int = 300):
+    """Queries, keys and values, and ALiBi-like diagonals steep enough that distant keys' probabilities are
+    denormal in fp32 (a bias down to -150)."""
+    query, key, value = (torch.randn(2, 3, length, 16, requires_grad=True) for _ in range(3))
+    slopes = torch.tensor([0.5, 0.1, 0.01])[:, None]
+    diagonals = -slopes * torch.arange(1 - length, length).abs()
+    return query, key, value, diagonals
+
+
+@pytest.mark.parametrize("caller_flushes", [False, True])
+def test_flushed_attention_equals_softmax_with_the_dense_bias_and_leaves_the_callers_mode(seed, caller_flushes):
+    query, key, value, diagonals = alibi_case()
+    length = query.shape[2]
+    # Entry (q_len - 1 - i) + j of the diagonals is the bias of query i and key j (the queries in reverse order).
+    dense = diagonals[:, (length - 1 - torch.arange(length))[:, None] + torch.arange(length)]
+    want = ((query.double() @ key.double().transpose(-1, -2) * 0.25 + dense.double()).softmax(-1) @ value.double())
+    grad = torch.randn_like(want)
+    torch.set_flush_denormal(caller_flushes)
+    try:
+        output, _ = flushed_attention(query.flip(2), key, value, diagonals, 0.25)
+        assert denormals_flushed() == caller_flushes
+        got = output.flip(2)
+        grads = torch.autograd.grad(got, (query, key, value), grad.float())
+        assert denormals_flushed() == caller_flushes
+    finally:
+        torch.set_flush_denormal(False)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(grads, torch.autograd.grad(want, (query, key, value), grad), strict=True):
+        torch.testing.assert_close(ours, theirs.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_flushed_attention_passes_torchs_custom_operator_checks(seed):
+    query, key, value, diagonals = alibi_case(length=12)
+    torch.library.opcheck(flushed_attention, (query, key, value, diagonals, 0.25))
 
 
 def test_training_alibi_on_the_diagonals_leaves_the_callers_denormal_mode_as_it_was(seed):
@@ -253,8 +287,8 @@ def test_alibi_training_on_the_diagonals_equals_eager_and_keeps_no_query_by_key_
     eager, sdpa = (model.train() for model in eager_and_sdpa(*MODELS[layout]("alibi")))
     input_ids = torch.randint(3, 99, (2, LENGTH))
     eager(input_ids=input_ids)[0].pow(2).mean().backward()
-    # The fused kernel keeps its mask for backward: a view of the diagonals, `heads * (2 LENGTH - 1)` elements.
-    assert saved_query_by_key_storages(sdpa, input_ids) == [4 * (2 * LENGTH - 1)] * 2
+    # The fused kernel's operator keeps the diagonals themselves for backward, and no `[len, len]` tensor.
+    assert saved_query_by_key_storages(sdpa, input_ids) == []
     for (parameter_name, want), got in zip(eager.named_parameters(), sdpa.parameters(), strict=True):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=parameter_name)
 
