@@ -1355,9 +1355,9 @@ class DisentangledEncoding(PositionEncoding):
 
     def bias(self, query, key, state, layer_idx):
         if query.shape[2] * query.shape[-1] <= 2 * self.span - self.first_row:
-            pos_key, pos_query = self.position_projections(layer_idx, query.dtype, key.shape[2] > query.shape[2])
             # Few queries (a decode step): `k_j . Qr_d` for the pairs present, O(q_len k_len d), instead of every
             # cached key against every row of the table, O(k_len rows d).
+            pos_key, pos_query = self.position_projections(layer_idx, query.dtype, key.shape[2] > query.shape[2])
             scale, index = self.scaling(query.shape[-1]), state.tables["index"]
             if pair_dot_applies(query, key, pos_key, pos_query):
                 # Generation on a CPU: each pair's key and rows read once, in C: 98 µs per layer and step against 182

@@ -2,8 +2,9 @@
 differentiable score bias, block by block of queries), the custom operator `toeplitz_attention` (torch's fused kernel
 over a bias's diagonals, a blocked backward, opaque to a compiled graph), the bias row readers `DiagonalRows`,
 `SkewedRows`, `ClippedRows` (its compiled form) and `DistanceRows`, `RunGather` (a gather from a distance table
-whose backward needs no scatter-add), and the custom operator `piecewise_linear` (FIRE's pieces per pair on a CPU, by
-a C kernel built at first use).
+whose backward needs no scatter-add), the custom operator `flushed_attention` (torch's fused CPU kernel over fixed
+diagonals with denormal floats flushed), and two C kernels built at first use: the custom operator `piecewise_linear`
+(FIRE's pieces per pair on a CPU) and `pair_dot` (the decode bias of the content encodings).
 
 Custom `torch.autograd.Function`s that save memory and time over autograd's own graph, kept apart so that
 `encodings.py` stays the catalog of schemes and `attention.py` the dispatch.
