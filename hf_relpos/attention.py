@@ -24,7 +24,14 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
 from .encodings import PositionEncoding, PositionState, get_encoding_class
-from .kernels import QueryBlockedAttention, flushed_attention, later_keys, toeplitz_attention, toeplitz_mask
+from .kernels import (
+    QueryBlockedAttention,
+    flushed_attention,
+    flushed_dropout_attention,
+    later_keys,
+    toeplitz_attention,
+    toeplitz_mask,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -499,6 +506,13 @@ def query_block_size(query: torch.Tensor, key: torch.Tensor) -> int:
     return max(16, BLOCK_SCORES // (query.shape[0] * query.shape[1] * key.shape[2]))
 
 
+def warn_without_weights(kwargs: dict) -> None:
+    """Say once that the fused kernels return no attention weights, when `output_attentions` asks for them."""
+    if kwargs.get("output_attentions", False):
+        logger.warning_once("attn_implementation='sdpa' returns no attention weights: set it to 'eager' for "
+                            "output_attentions=True.")
+
+
 def toeplitz_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -517,20 +531,15 @@ def toeplitz_attention_forward(
     from memory; reversing the queries and the output costs two copies of `[batch, heads, q_len, d]`. Diagonals
     that need a gradient (a learned bias) go through `kernels.toeplitz_attention`, whose backward gives them one.
     """
-    if kwargs.get("output_attentions", False):
-        logger.warning_once("attn_implementation='sdpa' returns no attention weights: set it to 'eager' for "
-                            "output_attentions=True.")
+    warn_without_weights(kwargs)
     if diagonals.requires_grad and torch.is_grad_enabled():
         groups = query.shape[1] // key.shape[1]
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
         seed = torch.randint(2**62, (), device=query.device) if dropout > 0.0 else None
         output = toeplitz_attention(query, key, value, diagonals, scaling, query_block_size(query, key), dropout, seed)
         return output.transpose(1, 2).contiguous(), None
-    if dropout == 0.0 and query.dtype in (torch.float32, torch.bfloat16):
-        # torch's fused kernel with denormals flushed, forward and backward (ALiBi's distant keys: `flushed_attention`).
-        groups = query.shape[1] // key.shape[1]
-        output, _ = flushed_attention(query.flip(2), repeat_kv(key, groups), repeat_kv(value, groups), diagonals,
-                                      scaling)
+    if flushes(query):
+        output = flushed_fixed_bias_attention(query.flip(2), key, value, diagonals, scaling, dropout)
         return output.transpose(1, 2).flip(1).contiguous(), None
     mask = toeplitz_mask(diagonals, query.shape[2], key.shape[2])
     output = nn.functional.scaled_dot_product_attention(
@@ -538,6 +547,26 @@ def toeplitz_attention_forward(
         enable_gqa=key.shape[1] != query.shape[1],
     )
     return output.transpose(1, 2).flip(1).contiguous(), None
+
+
+def flushes(query: torch.Tensor) -> bool:
+    """Whether `flushed_fixed_bias_attention` serves a fixed bias: on CPU, in fp32 or bf16 (what torch's fused CPU
+    kernel takes)."""
+    return query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16)
+
+
+def flushed_fixed_bias_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float, dropout: float
+) -> torch.Tensor:
+    """Attention `[batch, heads, q_len, d]` with a fixed float `mask` (`kernels.fused_mask`: Toeplitz diagonals over
+    reversed queries, or dense), denormal floats flushed forward and backward (ALiBi's distant keys): torch's fused
+    CPU kernel (`flushed_attention`), or with dropout, which that kernel lacks, the math sdpa would fall back to
+    (`flushed_dropout_attention`)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    if dropout == 0.0:
+        return flushed_attention(query, key, value, mask, scaling)[0]
+    return flushed_dropout_attention(query, key, value, mask, scaling, dropout)[0]
 
 
 def resolve_kernel(implementation: str | None, encoding: type[PositionEncoding] | PositionEncoding | None) -> str:
@@ -590,6 +619,11 @@ def attention_forward(
             )
         elif "masked_bias" in state.tables:
             attention_mask = state.tables["masked_bias"]
+            if implementation == "sdpa" and flushes(query):
+                warn_without_weights(kwargs)
+                output = flushed_fixed_bias_attention(query, key, value, attention_mask.to(query.dtype), scaling,
+                                                      dropout)
+                return output.transpose(1, 2).contiguous(), None
         elif implementation == "sdpa" and (not state.dense or blocked_training(module.config, encoding, query.device)):
             return query_blocked_attention_forward(
                 module, query, key, value, attention_mask, encoding, state, scaling, dropout, **kwargs

@@ -2,9 +2,10 @@
 differentiable score bias, block by block of queries), the custom operator `toeplitz_attention` (torch's fused kernel
 over a bias's diagonals, a blocked backward, opaque to a compiled graph), the bias row readers `DiagonalRows`,
 `SkewedRows`, `ClippedRows` (its compiled form) and `DistanceRows`, `RunGather` (a gather from a distance table
-whose backward needs no scatter-add), the custom operator `flushed_attention` (torch's fused CPU kernel over fixed
-diagonals with denormal floats flushed), and two C kernels built at first use: the custom operator `piecewise_linear`
-(FIRE's pieces per pair on a CPU) and `pair_dot` (the decode bias of the content encodings).
+whose backward needs no scatter-add), the custom operators `flushed_attention` (torch's fused CPU kernel over a fixed
+bias with denormal floats flushed) and `flushed_dropout_attention` (the same with dropout, by sdpa's math path),
+and two C kernels built at first use: the custom operator `piecewise_linear` (FIRE's pieces per pair on a CPU) and
+`pair_dot` (the decode bias of the content encodings).
 
 Custom `torch.autograd.Function`s that save memory and time over autograd's own graph, kept apart so that
 `encodings.py` stays the catalog of schemes and `attention.py` the dispatch.
@@ -325,20 +326,29 @@ def flushed_denormals() -> Iterator[None]:
         torch.set_flush_denormal(was_flushed)
 
 
+def fused_mask(mask: torch.Tensor, query_length: int, key_length: int) -> torch.Tensor:
+    """The float mask torch's fused kernel reads from `flushed_attention`'s `mask`: the Toeplitz view of diagonals
+    `[heads, q_len + k_len - 1]` (`toeplitz_mask`), or a dense `[batch or 1, heads or 1, q_len or 1, k_len]` mask
+    as it is."""
+    return toeplitz_mask(mask, query_length, key_length) if mask.dim() == 2 else mask
+
+
 @torch.library.custom_op(f"{OPERATORS}::flushed_attention", mutates_args=(), device_types="cpu")
 def flushed_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, diagonals: torch.Tensor, scaling: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch's fused CPU attention with the Toeplitz mask of fixed `diagonals` (`toeplitz_mask`: queries in reverse
-    order), forward and backward with denormal floats flushed to zero, the caller's mode restored after each: the
-    output `[batch, heads, q_len, d]` and the log-sum-exp its backward reads. Opaque, so a compiled graph flushes too.
+    """torch's fused CPU attention with a fixed float `mask`, forward and backward with denormal floats flushed to
+    zero, the caller's mode restored after each: the output `[batch, heads, q_len, d]` and the log-sum-exp its
+    backward reads. `mask` is the diagonals `[heads, q_len + k_len - 1]` of a Toeplitz bias (`toeplitz_mask`: queries
+    in reverse order) or a dense mask `[batch or 1, heads or 1, q_len or 1, k_len]` (a bias with padding folded in).
+    Opaque, so a compiled graph flushes too.
 
     A bias that falls far below its row's maximum (ALiBi's distant keys) leaves probabilities between fp32's smallest
     denormal and its smallest normal number (1e-45 to 1e-38), which some CPUs compute at a small fraction of their
     speed: ALiBi's training step at 2048 tokens took 3.5x `BertModel`'s on an AVX-512 Xeon, 1.04x flushed. Only
-    values below 1.2e-38 change, to zero. No gradient for the diagonals: a bias that trains takes
-    `toeplitz_attention`."""
-    mask = toeplitz_mask(diagonals, query.shape[2], key.shape[2])
+    values below 1.2e-38 change, to zero. No gradient for the mask: a bias that trains takes `toeplitz_attention` or
+    `QueryBlockedAttention`."""
+    mask = fused_mask(mask, query.shape[2], key.shape[2])
     with flushed_denormals():
         output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value,
                                                                                        attn_mask=mask, scale=scaling)
@@ -347,7 +357,7 @@ def flushed_attention(
 
 
 @flushed_attention.register_fake
-def flushed_attention_shapes(query, key, value, diagonals, scaling):
+def flushed_attention_shapes(query, key, value, mask, scaling):
     batch, heads, length, _ = query.shape
     return query.new_empty(batch, heads, length, value.shape[-1]), query.new_empty(batch, heads, length,
                                                                                    dtype=torch.float32)
@@ -355,11 +365,11 @@ def flushed_attention_shapes(query, key, value, diagonals, scaling):
 
 @torch.library.custom_op(f"{OPERATORS}::flushed_attention_backward", mutates_args=(), device_types="cpu")
 def flushed_attention_backward(
-    grad_output: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, diagonals: torch.Tensor,
+    grad_output: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
     output: torch.Tensor, logsumexp: torch.Tensor, scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of `flushed_attention` in its query, key and value, by torch's fused backward, flushed."""
-    mask = toeplitz_mask(diagonals, query.shape[2], key.shape[2])
+    mask = fused_mask(mask, query.shape[2], key.shape[2])
     with flushed_denormals():
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_output.contiguous(), query, key, value, output, logsumexp, 0.0, False, attn_mask=mask, scale=scaling
@@ -373,18 +383,87 @@ def flushed_attention_backward_shapes(grad_output, query, key, value, *args):
 
 
 def flushed_attention_context(ctx, inputs, output) -> None:
-    query, key, value, diagonals, scaling = inputs
-    ctx.save_for_backward(query, key, value, diagonals, *output)
+    query, key, value, mask, scaling = inputs
+    ctx.save_for_backward(query, key, value, mask, *output)
     ctx.scaling = scaling
 
 
 def flushed_attention_gradients(ctx, grad_output, grad_logsumexp):
-    query, key, value, diagonals, output, logsumexp = ctx.saved_tensors
-    grads = flushed_attention_backward(grad_output, query, key, value, diagonals, output, logsumexp, ctx.scaling)
+    query, key, value, mask, output, logsumexp = ctx.saved_tensors
+    grads = flushed_attention_backward(grad_output, query, key, value, mask, output, logsumexp, ctx.scaling)
     return *grads, None, None
 
 
 flushed_attention.register_autograd(flushed_attention_gradients, setup_context=flushed_attention_context)
+
+
+@torch.library.custom_op(f"{OPERATORS}::flushed_dropout_attention", mutates_args=(), device_types="cpu")
+def flushed_dropout_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float, dropout: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`flushed_attention` with attention dropout, which torch's fused CPU kernel lacks: the math sdpa falls back
+    to (`[q_len, k_len]` scores), forward and backward with denormal floats flushed. Returns the output `[batch,
+    heads, q_len, d]` and, for backward, what sdpa's math path keeps too: the probabilities, the dropped weights and
+    the dropout mask `[batch, heads, q_len, k_len]` (0 where dropped, else `1 / (1 - dropout)`), which is drawn from
+    torch's generator."""
+    mask = fused_mask(mask, query.shape[2], key.shape[2])
+    with flushed_denormals():
+        scores = torch.matmul(query * scaling, key.transpose(-1, -2)).add_(mask)
+        probabilities = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        # As `nn.functional.dropout` draws it on a CPU: one fused pass fewer than `native_dropout`'s boolean mask.
+        kept = torch.empty_like(probabilities).bernoulli_(1.0 - dropout).div_(1.0 - dropout)
+        weights = probabilities * kept
+        output = torch.matmul(weights, value)
+    return output, probabilities, weights, kept
+
+
+@flushed_dropout_attention.register_fake
+def flushed_dropout_attention_shapes(query, key, value, mask, scaling, dropout):
+    batch, heads, length, _ = query.shape
+    weights = query.new_empty(batch, heads, length, key.shape[2])
+    return query.new_empty(batch, heads, length, value.shape[-1]), weights, torch.empty_like(weights), torch.empty_like(
+        weights)
+
+
+@torch.library.custom_op(f"{OPERATORS}::flushed_dropout_attention_backward", mutates_args=(), device_types="cpu")
+def flushed_dropout_attention_backward(
+    grad_output: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    probabilities: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor, scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of `flushed_dropout_attention` in its query, key and value, by the passes of autograd's math
+    path, flushed."""
+    with flushed_denormals():
+        grad_value = torch.matmul(weights.transpose(-1, -2), grad_output)
+        grad_weights = torch.matmul(grad_output, value.transpose(-1, -2)).mul_(kept)
+        grad_scores = torch.ops.aten._softmax_backward_data(grad_weights, probabilities, -1, probabilities.dtype)
+        grad_query = torch.matmul(grad_scores, key).mul_(scaling)
+        grad_key = torch.matmul(grad_scores.transpose(-1, -2), query).mul_(scaling)
+    return grad_query, grad_key, grad_value
+
+
+@flushed_dropout_attention_backward.register_fake
+def flushed_dropout_attention_backward_shapes(grad_output, query, key, value, *args):
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+
+
+def flushed_dropout_attention_context(ctx, inputs, output) -> None:
+    query, key, value, mask, scaling, dropout = inputs
+    ctx.save_for_backward(query, key, value, *output[1:])
+    # Only the output has a gradient: no `[q_len, k_len]` zeros for the others.
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    ctx.scaling = scaling
+
+
+def flushed_dropout_attention_gradients(ctx, grad_output, *unused):
+    query, key, value, probabilities, weights, kept = ctx.saved_tensors
+    grads = flushed_dropout_attention_backward(grad_output.contiguous(), query, key, value, probabilities, weights,
+                                               kept, ctx.scaling)
+    return *grads, None, None, None
+
+
+flushed_dropout_attention.register_autograd(flushed_dropout_attention_gradients,
+                                            setup_context=flushed_dropout_attention_context)
 
 
 class SkewedRows(torch.autograd.Function):

@@ -136,3 +136,26 @@ def test_causal_bias_masks_the_keys_after_each_query_with_the_cached_keys_first(
         for j in range(7):
             want = bias[..., i, j] if j <= i + 3 else torch.full((2, 3), torch.finfo(bias.dtype).min)
             torch.testing.assert_close(got[..., i, j], want)
+
+
+def test_compiled_alibi_training_with_dropout_and_padding_runs_the_flushing_operator_as_eager_does(seed):
+    # Both steps draw the operator's dropout mask from the same seeded generator, so they drop the same weights.
+    torch._dynamo.reset()
+    config = tiny_bert_config(position_embedding_type="alibi", num_hidden_layers=1, attention_probs_dropout_prob=0.2)
+    uncompiled = RelPosBertModel._from_config(config, attn_implementation="sdpa").train()
+    model = copy.deepcopy(uncompiled)
+    input_ids, attention_mask = torch.randint(1, 99, (2, 12)), torch.ones(2, 12, dtype=torch.long)
+    attention_mask[0, :3] = 0
+    losses = []
+    for step in (uncompiled, torch.compile(model, dynamic=False, fullgraph=True)):
+        torch.manual_seed(1)
+        with torch.profiler.profile() as profile:
+            output = step(input_ids=input_ids, attention_mask=attention_mask)
+            loss = (output.last_hidden_state * attention_mask[..., None]).pow(2).mean() + output.pooler_output.mean()
+            loss.backward()
+        losses.append(loss)
+    ops = {event.name for event in profile.events()}
+    assert {f"{OPERATORS}::flushed_dropout_attention", f"{OPERATORS}::flushed_dropout_attention_backward"} <= ops
+    torch.testing.assert_close(losses[1], losses[0])
+    for (parameter_name, want), got in zip(uncompiled.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=parameter_name)

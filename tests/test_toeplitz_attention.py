@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_bert_config, tiny_gpt_config, tiny_llama_config
+from conftest import autograd_nodes, tiny_bert_config, tiny_gpt_config, tiny_llama_config
 from torch.autograd.graph import saved_tensors_hooks
 from transformers import DynamicCache
 from transformers.testing_utils import CaptureLogger
@@ -26,6 +26,7 @@ from hf_relpos.kernels import (
     denormals_flushed,
     flushed_attention,
     flushed_denormals,
+    flushed_dropout_attention,
     toeplitz_attention,
     toeplitz_mask,
 )
@@ -169,9 +170,72 @@ def test_flushed_attention_equals_softmax_with_the_dense_bias_and_leaves_the_cal
         torch.testing.assert_close(ours, theirs.float(), rtol=1e-4, atol=1e-5)
 
 
-def test_flushed_attention_passes_torchs_custom_operator_checks(seed):
-    query, key, value, diagonals = alibi_case(length=12)
-    torch.library.opcheck(flushed_attention, (query, key, value, diagonals, 0.25))
+def padded_alibi_mask(diagonals: torch.Tensor, length: int) -> torch.Tensor:
+    """The dense bias of `diagonals` (queries in order) for a batch of two, the second one's last 50 keys padding:
+    `[2, heads, length, length]`, as `masked_bias` folds it."""
+    dense = diagonals[:, (length - 1) - torch.arange(length)[:, None] + torch.arange(length)]
+    mask = dense.expand(2, -1, -1, -1).clone()
+    mask[1, ..., length - 50:] = torch.finfo(torch.float32).min
+    return mask
+
+
+@pytest.mark.parametrize("caller_flushes", [False, True])
+def test_flushed_attention_with_a_dense_mask_equals_softmax_with_it_and_leaves_the_callers_mode(seed, caller_flushes):
+    query, key, value, diagonals = alibi_case()
+    mask = padded_alibi_mask(diagonals, query.shape[2])
+    want = ((query.double() @ key.double().transpose(-1, -2) * 0.25 + mask.double()).softmax(-1) @ value.double())
+    grad = torch.randn_like(want)
+    torch.set_flush_denormal(caller_flushes)
+    try:
+        got, _ = flushed_attention(query, key, value, mask, 0.25)
+        assert denormals_flushed() == caller_flushes
+        grads = torch.autograd.grad(got, (query, key, value), grad.float())
+        assert denormals_flushed() == caller_flushes
+    finally:
+        torch.set_flush_denormal(False)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(grads, torch.autograd.grad(want, (query, key, value), grad), strict=True):
+        torch.testing.assert_close(ours, theirs.float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", ["diagonals", "dense"])
+def test_flushed_dropout_attention_equals_softmax_with_the_mask_dropped_where_it_says(seed, mask_kind):
+    query, key, value, diagonals = alibi_case()
+    length = query.shape[2]
+    # Entry (q_len - 1 - i) + j of the diagonals is the bias of query i and key j (the queries in reverse order).
+    mask, reversed_queries = ((diagonals, True) if mask_kind == "diagonals"
+                              else (padded_alibi_mask(diagonals, length), False))
+    dense = padded_alibi_mask(diagonals, length)[:1] if reversed_queries else mask
+    ordered = query.flip(2) if reversed_queries else query
+    output, probabilities, _, kept = flushed_dropout_attention(ordered, key, value, mask, 0.25, 0.2)
+    assert not denormals_flushed()
+    assert kept.unique().tolist() == [0.0, pytest.approx(1 / 0.8)]
+    assert (kept > 0).float().mean().item() == pytest.approx(0.8, abs=0.01)
+    weights = (query.double() @ key.double().transpose(-1, -2) * 0.25 + dense.double()).softmax(-1)
+    ordered_kept = kept.flip(2) if reversed_queries else kept
+    want = (weights * ordered_kept) @ value.double()
+    got = output.flip(2) if reversed_queries else output
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+    assert (probabilities[probabilities < torch.finfo(torch.float32).tiny] == 0).all()  # flushed, not denormal
+    grad = torch.randn_like(want)
+    grads = torch.autograd.grad(got, (query, key, value), grad.float())
+    assert not denormals_flushed()
+    for ours, theirs in zip(grads, torch.autograd.grad(want, (query, key, value), grad), strict=True):
+        torch.testing.assert_close(ours, theirs.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_flushed_dropout_attention_passes_torchs_custom_operator_checks(seed):
+    # Its dropout mask is random: the checks that compare two calls' outputs do not apply.
+    query, key, value, diagonals = alibi_case(length=60)
+    torch.library.opcheck(flushed_dropout_attention, (query, key, value, padded_alibi_mask(diagonals, 60), 0.25, 0.2),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.parametrize("mask_kind", ["diagonals", "dense"])
+def test_flushed_attention_passes_torchs_custom_operator_checks(seed, mask_kind):
+    query, key, value, diagonals = alibi_case(length=60)
+    mask = diagonals if mask_kind == "diagonals" else padded_alibi_mask(diagonals, 60)
+    torch.library.opcheck(flushed_attention, (query, key, value, mask, 0.25))
 
 
 def test_training_alibi_on_the_diagonals_leaves_the_callers_denormal_mode_as_it_was(seed):
@@ -289,6 +353,34 @@ def test_alibi_training_on_the_diagonals_equals_eager_and_keeps_no_query_by_key_
     eager(input_ids=input_ids)[0].pow(2).mean().backward()
     # The fused kernel's operator keeps the diagonals themselves for backward, and no `[len, len]` tensor.
     assert saved_query_by_key_storages(sdpa, input_ids) == []
+    for (parameter_name, want), got in zip(eager.named_parameters(), sdpa.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=parameter_name)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["without-dropout", "dropout"])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_alibi_training_takes_a_flushed_kernel_padded_or_not_with_dropout_or_not(seed, padded, dropout):
+    config = tiny_bert_config(position_embedding_type="alibi", attention_probs_dropout_prob=dropout)
+    model = RelPosBertModel._from_config(config, attn_implementation="sdpa").train()
+    attention_mask = torch.ones(2, LENGTH, dtype=torch.long)
+    attention_mask[1, LENGTH - 9:] = 0 if padded else 1
+    output = model(input_ids=torch.randint(3, 99, (2, LENGTH)), attention_mask=attention_mask)[0]
+    operator = "flushed_attention" if dropout == 0.0 else "flushed_dropout_attention"
+    attention = {name for name in autograd_nodes(output) if "ttention" in name}
+    assert attention == {f"GeneratedBackwardFor_{OPERATORS}_{operator}_defaultBackward"}
+
+
+@pytest.mark.parametrize("layout", list(MODELS))
+def test_alibi_training_with_padding_on_the_flushed_kernel_equals_eager(seed, layout):
+    eager, sdpa = (model.train() for model in eager_and_sdpa(*MODELS[layout]("alibi")))
+    input_ids = torch.randint(3, 99, (2, LENGTH))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :7] = 0  # left padding, as a decoder's batch has it (and an encoder takes it as well)
+    outputs = [model(input_ids=input_ids, attention_mask=attention_mask)[0] for model in (eager, sdpa)]
+    assert denormals_flushed() is False
+    for output in outputs:
+        output[attention_mask.bool()].pow(2).mean().backward()
+    torch.testing.assert_close(outputs[1][attention_mask.bool()], outputs[0][attention_mask.bool()])
     for (parameter_name, want), got in zip(eager.named_parameters(), sdpa.parameters(), strict=True):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=parameter_name)
 
