@@ -148,28 +148,6 @@ def alibi_case(length: int = 300):
     return query, key, value, diagonals
 
 
-@pytest.mark.parametrize("caller_flushes", [False, True])
-def test_flushed_attention_equals_softmax_with_the_dense_bias_and_leaves_the_callers_mode(seed, caller_flushes):
-    query, key, value, diagonals = alibi_case()
-    length = query.shape[2]
-    # Entry (q_len - 1 - i) + j of the diagonals is the bias of query i and key j (the queries in reverse order).
-    dense = diagonals[:, (length - 1 - torch.arange(length))[:, None] + torch.arange(length)]
-    want = ((query.double() @ key.double().transpose(-1, -2) * 0.25 + dense.double()).softmax(-1) @ value.double())
-    grad = torch.randn_like(want)
-    torch.set_flush_denormal(caller_flushes)
-    try:
-        output, _ = flushed_attention(query.flip(2), key, value, diagonals, 0.25)
-        assert denormals_flushed() == caller_flushes
-        got = output.flip(2)
-        grads = torch.autograd.grad(got, (query, key, value), grad.float())
-        assert denormals_flushed() == caller_flushes
-    finally:
-        torch.set_flush_denormal(False)
-    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
-    for ours, theirs in zip(grads, torch.autograd.grad(want, (query, key, value), grad), strict=True):
-        torch.testing.assert_close(ours, theirs.float(), rtol=1e-4, atol=1e-5)
-
-
 def padded_alibi_mask(diagonals: torch.Tensor, length: int) -> torch.Tensor:
     """The dense bias of `diagonals` (queries in order) for a batch of two, the second one's last 50 keys padding:
     `[2, heads, length, length]`, as `masked_bias` folds it."""
@@ -179,15 +157,24 @@ def padded_alibi_mask(diagonals: torch.Tensor, length: int) -> torch.Tensor:
     return mask
 
 
+@pytest.mark.parametrize("mask_kind", ["diagonals", "dense"])
 @pytest.mark.parametrize("caller_flushes", [False, True])
-def test_flushed_attention_with_a_dense_mask_equals_softmax_with_it_and_leaves_the_callers_mode(seed, caller_flushes):
+def test_flushed_attention_equals_softmax_with_its_mask_and_leaves_the_callers_mode(seed, caller_flushes, mask_kind):
     query, key, value, diagonals = alibi_case()
-    mask = padded_alibi_mask(diagonals, query.shape[2])
-    want = ((query.double() @ key.double().transpose(-1, -2) * 0.25 + mask.double()).softmax(-1) @ value.double())
+    dense = padded_alibi_mask(diagonals, query.shape[2])
+    # Entry (q_len - 1 - i) + j of the diagonals is the bias of query i and key j (the queries in reverse order); the
+    # diagonals have no padding, so their dense form is the first sequence's.
+    reversed_queries = mask_kind == "diagonals"
+    if reversed_queries:
+        dense = dense[:1]
+    want = ((query.double() @ key.double().transpose(-1, -2) * 0.25 + dense.double()).softmax(-1) @ value.double())
     grad = torch.randn_like(want)
     torch.set_flush_denormal(caller_flushes)
     try:
-        got, _ = flushed_attention(query, key, value, mask, 0.25)
+        if reversed_queries:
+            got = flushed_attention(query.flip(2), key, value, diagonals, 0.25)[0].flip(2)
+        else:
+            got = flushed_attention(query, key, value, dense, 0.25)[0]
         assert denormals_flushed() == caller_flushes
         grads = torch.autograd.grad(got, (query, key, value), grad.float())
         assert denormals_flushed() == caller_flushes
